@@ -1,0 +1,1030 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/pbkdf2"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+const (
+	sessionCookie   = "ccload_session"
+	sessionTTL      = 24 * time.Hour
+	loginWindow     = 15 * time.Minute
+	loginMaxFails   = 5
+	maxAdminBody    = 1 << 20
+	passwordSetting = "admin_password"
+	pbkdf2Iter      = 200_000
+)
+
+// admin serves the management API. Channel writes are serialized with the
+// snapshot reload that follows them, so the live snapshot always reflects
+// the latest write.
+type admin struct {
+	store   *Store
+	sel     *selector
+	cool    *cooldowns
+	relay   *relay
+	pass    *password
+	limiter *loginLimiter
+	mirror  mirrorStatus // nil without Redis
+	now     func() time.Time
+
+	mu sync.Mutex // serializes channel writes and the reload after each
+}
+
+// mirrorStatus is what the admin shows of the Redis mirror.
+type mirrorStatus interface {
+	Status() map[string]any
+}
+
+// apiError is an error with the status the admin API answers it with. The
+// message is the user's to read; anything unexpected is logged and answered
+// as "internal error".
+type apiError struct {
+	status int
+	msg    string
+}
+
+func (e *apiError) Error() string { return e.msg }
+
+func badRequest(format string, a ...any) error {
+	return &apiError{http.StatusBadRequest, fmt.Sprintf(format, a...)}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		slog.Error("encode response", "err", err)
+		http.Error(w, `{"error":"internal error"}`, http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	w.Write(b)
+	w.Write([]byte{'\n'})
+}
+
+// writeAPIError answers err once, with its status.
+func writeAPIError(w http.ResponseWriter, r *http.Request, err error) {
+	var ae *apiError
+	var tooBig *http.MaxBytesError
+	switch {
+	case errors.As(err, &ae):
+		writeJSON(w, ae.status, map[string]string{"error": ae.msg})
+	case errors.Is(err, errNotFound):
+		writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
+	case errors.Is(err, errDuplicate):
+		writeJSON(w, http.StatusConflict, map[string]string{"error": err.Error()})
+	case errors.As(err, &tooBig):
+		writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": fmt.Sprintf("request body is larger than %s", formatBytes(tooBig.Limit))})
+	default:
+		slog.Error("admin request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+		writeJSON(w, http.StatusInternalServerError, map[string]string{"error": "internal error"})
+	}
+}
+
+// decodeJSON reads a JSON body of at most maxAdminBody into v.
+func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxAdminBody))
+	if err != nil {
+		return err
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return badRequest("request body is empty: send a JSON object")
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		var se *json.SyntaxError
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &se):
+			return badRequest("malformed JSON at byte %d: %v", se.Offset, se)
+		case errors.As(err, &te):
+			return badRequest("field %q: expected %s, got %s", te.Field, te.Type, te.Value)
+		}
+		return badRequest("malformed JSON: %v", err)
+	}
+	return nil
+}
+
+// password checks the admin password: CCLOAD_PASS when set, else the stored
+// hash of the generated one.
+type password struct {
+	env    [32]byte // SHA-256 of CCLOAD_PASS
+	hasEnv bool
+	stored string // "pbkdf2-sha256$iter$salt$hash"
+}
+
+// setupPassword returns the checker, generating and storing a password on
+// first start when none is configured. generated is non-empty only then.
+func setupPassword(ctx context.Context, s *Store, envPass string) (p *password, generated string, err error) {
+	p = &password{}
+	if envPass != "" {
+		p.env, p.hasEnv = sha256.Sum256([]byte(envPass)), true
+		return p, "", nil
+	}
+	stored, err := s.Setting(ctx, passwordSetting)
+	if err != nil {
+		return nil, "", fmt.Errorf("read admin password: %w", err)
+	}
+	if stored == "" {
+		generated = rand.Text()
+		if stored, err = hashPassword(generated); err != nil {
+			return nil, "", err
+		}
+		if err := s.SetSetting(ctx, passwordSetting, stored); err != nil {
+			return nil, "", fmt.Errorf("store admin password: %w", err)
+		}
+	}
+	p.stored = stored
+	return p, generated, nil
+}
+
+func hashPassword(pw string) (string, error) {
+	salt := make([]byte, 16)
+	rand.Read(salt)
+	dk, err := pbkdf2.Key(sha256.New, pw, salt, pbkdf2Iter, 32)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("pbkdf2-sha256$%d$%s$%s", pbkdf2Iter, hex.EncodeToString(salt), hex.EncodeToString(dk)), nil
+}
+
+func (p *password) check(given string) bool {
+	if p.hasEnv {
+		d := sha256.Sum256([]byte(given))
+		return subtle.ConstantTimeCompare(d[:], p.env[:]) == 1
+	}
+	parts := strings.Split(p.stored, "$")
+	if len(parts) != 4 || parts[0] != "pbkdf2-sha256" {
+		return false
+	}
+	iter, err1 := strconv.Atoi(parts[1])
+	salt, err2 := hex.DecodeString(parts[2])
+	want, err3 := hex.DecodeString(parts[3])
+	if err1 != nil || err2 != nil || err3 != nil {
+		return false
+	}
+	got, err := pbkdf2.Key(sha256.New, given, salt, iter, len(want))
+	return err == nil && subtle.ConstantTimeCompare(got, want) == 1
+}
+
+// loginLimiter counts failed logins per client IP.
+type loginLimiter struct {
+	now   func() time.Time
+	mu    sync.Mutex // guards fails
+	fails map[string][]time.Time
+}
+
+func newLoginLimiter(now func() time.Time) *loginLimiter {
+	return &loginLimiter{now: now, fails: make(map[string][]time.Time)}
+}
+
+// blocked reports whether ip is locked out, and for how long.
+func (l *loginLimiter) blocked(ip string) (time.Duration, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	recent := l.prune(ip, now)
+	if len(recent) < loginMaxFails {
+		return 0, false
+	}
+	return recent[0].Add(loginWindow).Sub(now), true
+}
+
+func (l *loginLimiter) fail(ip string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	l.fails[ip] = append(l.prune(ip, now), now)
+	if len(l.fails) > 10000 {
+		// Keep memory bounded under a spray of addresses.
+		for k := range l.fails {
+			if len(l.prune(k, now)) == 0 {
+				delete(l.fails, k)
+			}
+		}
+	}
+}
+
+// prune drops failures older than the window. l.mu must be held.
+func (l *loginLimiter) prune(ip string, now time.Time) []time.Time {
+	f := l.fails[ip]
+	i := 0
+	for i < len(f) && now.Sub(f[i]) >= loginWindow {
+		i++
+	}
+	f = f[i:]
+	if len(f) == 0 {
+		delete(l.fails, ip)
+		return nil
+	}
+	l.fails[ip] = f
+	return f
+}
+
+func tokenHash(tok string) string {
+	d := sha256.Sum256([]byte(tok))
+	return hex.EncodeToString(d[:])
+}
+
+// sessionToken returns the session token a request presents, and whether it
+// came from the cookie (which makes it subject to cross-site checks).
+func sessionToken(r *http.Request) (tok string, fromCookie bool) {
+	if v := r.Header.Get("Authorization"); len(v) > 7 && strings.EqualFold(v[:7], "bearer ") {
+		return strings.TrimSpace(v[7:]), false
+	}
+	if c, err := r.Cookie(sessionCookie); err == nil {
+		return c.Value, true
+	}
+	return "", false
+}
+
+func (a *admin) handleLogin() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ip := clientIP(r)
+		if wait, ok := a.limiter.blocked(ip); ok {
+			w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())+1))
+			writeJSON(w, http.StatusTooManyRequests, map[string]string{
+				"error": fmt.Sprintf("too many failed logins: try again in %s", wait.Round(time.Second))})
+			return
+		}
+		var in struct {
+			Password string `json:"password"`
+		}
+		if err := decodeJSON(w, r, &in); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		if in.Password == "" || !a.pass.check(in.Password) {
+			a.limiter.fail(ip)
+			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "wrong password"})
+			return
+		}
+		tok := rand.Text() + rand.Text()
+		expires := a.now().Add(sessionTTL)
+		if err := a.store.CreateSession(r.Context(), tokenHash(tok), expires); err != nil {
+			writeAPIError(w, r, fmt.Errorf("create session: %w", err))
+			return
+		}
+		http.SetCookie(w, &http.Cookie{
+			Name: sessionCookie, Value: tok, Path: "/", Expires: expires, MaxAge: int(sessionTTL.Seconds()),
+			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: isHTTPS(r),
+		})
+		writeJSON(w, http.StatusOK, map[string]any{"token": tok, "expires_at": expires.UTC()})
+	})
+}
+
+// isHTTPS reports whether the client reached us over TLS, directly or
+// through a local reverse proxy that says so.
+func isHTTPS(r *http.Request) bool {
+	return r.TLS != nil || (isLoopback(r) && strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https"))
+}
+
+func (a *admin) handleLogout() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if tok, _ := sessionToken(r); tok != "" {
+			if err := a.store.DeleteSession(r.Context(), tokenHash(tok)); err != nil {
+				writeAPIError(w, r, err)
+				return
+			}
+		}
+		http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: "", Path: "/", MaxAge: -1,
+			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: isHTTPS(r)})
+		writeJSON(w, http.StatusOK, map[string]bool{"ok": true})
+	})
+}
+
+// requireSession guards the admin API: a valid session by cookie or bearer
+// token, and for cookie-authenticated writes, a same-origin request.
+func (a *admin) requireSession(next http.Handler) http.Handler {
+	cop := http.NewCrossOriginProtection()
+	cop.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusForbidden, map[string]string{"error": "cross-site request refused"})
+	}))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok, fromCookie := sessionToken(r)
+		if tok == "" {
+			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "login required: POST /login, then send the cookie or Authorization: Bearer <token>"})
+			return
+		}
+		ok, err := a.store.SessionValid(r.Context(), tokenHash(tok))
+		if err != nil {
+			writeAPIError(w, r, fmt.Errorf("check session: %w", err))
+			return
+		}
+		if !ok {
+			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "session expired or invalid: log in again"})
+			return
+		}
+		if fromCookie {
+			if err := cop.Check(r); err != nil {
+				writeJSON(w, http.StatusForbidden, map[string]string{"error": "cross-site request refused"})
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// maskKey shows enough of a key to recognise it and not enough to use it.
+func maskKey(k string) string {
+	n := len(k)
+	switch {
+	case n >= 12:
+		return k[:4] + "…" + k[n-3:]
+	case n >= 6:
+		return "…" + k[n-2:]
+	}
+	return "…"
+}
+
+// channelView is a channel as the admin API shows it: keys masked, live
+// health attached.
+type channelView struct {
+	ID             int64             `json:"id"`
+	Name           string            `json:"name"`
+	URL            string            `json:"url"`
+	APIKeys        []string          `json:"api_keys"`
+	KeyCount       int               `json:"key_count"`
+	Type           string            `json:"channel_type"`
+	Priority       int               `json:"priority"`
+	Models         []string          `json:"models"`
+	ModelRedirects map[string]string `json:"model_redirects"`
+	KeyStrategy    string            `json:"key_strategy"`
+	Enabled        bool              `json:"enabled"`
+	CreatedAt      time.Time         `json:"created_at"`
+	UpdatedAt      time.Time         `json:"updated_at"`
+	State          healthState       `json:"state"`
+}
+
+func (a *admin) view(c Channel) channelView {
+	v := channelView{
+		ID: c.ID, Name: c.Name, URL: c.URL, KeyCount: len(c.APIKeys), Type: c.Type, Priority: c.Priority,
+		Models: nonNil(c.Models), ModelRedirects: c.ModelRedirects, KeyStrategy: c.KeyStrategy,
+		Enabled: c.Enabled, CreatedAt: c.CreatedAt, UpdatedAt: c.UpdatedAt,
+	}
+	if v.ModelRedirects == nil {
+		v.ModelRedirects = map[string]string{}
+	}
+	v.APIKeys = make([]string, len(c.APIKeys))
+	for i, k := range c.APIKeys {
+		v.APIKeys[i] = maskKey(k)
+	}
+	if h := a.cool.get(c.ID); h != nil {
+		v.State = h.state(a.now())
+	} else {
+		v.State = healthState{Keys: []keyState{}, Models: []modelState{}}
+	}
+	return v
+}
+
+// reload swaps in a snapshot of the stored channels. a.mu must be held.
+func (a *admin) reload(ctx context.Context) error {
+	chs, err := a.store.ListChannels(ctx)
+	if err != nil {
+		return err
+	}
+	return a.sel.load(chs)
+}
+
+func pathID(r *http.Request) (int64, error) {
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil || id <= 0 {
+		return 0, badRequest("channel id %q is not a positive integer", r.PathValue("id"))
+	}
+	return id, nil
+}
+
+func (a *admin) handleListChannels() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		chs, err := a.store.ListChannels(r.Context())
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		out := make([]channelView, 0, len(chs))
+		for _, c := range chs {
+			out = append(out, a.view(c))
+		}
+		writeJSON(w, http.StatusOK, out)
+	})
+}
+
+func (a *admin) handleGetChannel() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := pathID(r)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		c, err := a.store.GetChannel(r.Context(), id)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, a.view(c))
+	})
+}
+
+func (a *admin) handleCreateChannel() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var in map[string]json.RawMessage
+		if err := decodeJSON(w, r, &in); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		c := Channel{Enabled: true}
+		if err := applyChannelInput(&c, in, true); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if err := a.store.CreateChannel(r.Context(), &c); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		if err := a.reload(r.Context()); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusCreated, a.view(c))
+	})
+}
+
+func (a *admin) handleUpdateChannel() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := pathID(r)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		var in map[string]json.RawMessage
+		if err := decodeJSON(w, r, &in); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		c, err := a.store.GetChannel(r.Context(), id)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		if err := applyChannelInput(&c, in, false); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		if err := a.store.UpdateChannel(r.Context(), &c); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		if err := a.reload(r.Context()); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, a.view(c))
+	})
+}
+
+func (a *admin) handleDeleteChannel() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := pathID(r)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if err := a.store.DeleteChannel(r.Context(), id); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		if err := a.reload(r.Context()); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"deleted": id})
+	})
+}
+
+func (a *admin) handleClearCooldown() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := pathID(r)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		c, err := a.store.GetChannel(r.Context(), id)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		if h := a.cool.get(id); h != nil {
+			a.cool.clearAll(h)
+		}
+		if err := a.store.ClearCooldowns(r.Context(), id); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, a.view(c))
+	})
+}
+
+// Known input fields of a channel. Output-only fields are accepted and
+// ignored, so a client may send back what it read.
+var (
+	channelInputFields = []string{"name", "url", "api_key", "api_keys", "channel_type", "priority", "models",
+		"model_redirects", "key_strategy", "enabled"}
+	channelOutputFields = []string{"id", "key_count", "state", "created_at", "updated_at"}
+)
+
+const (
+	keySequential = "sequential"
+	keyRoundRobin = "round_robin"
+)
+
+// applyChannelInput sets the fields present in in on c, validating each.
+// When creating, name, url and a key are required.
+func applyChannelInput(c *Channel, in map[string]json.RawMessage, create bool) error {
+	for k := range in {
+		if !slices.Contains(channelInputFields, k) && !slices.Contains(channelOutputFields, k) {
+			return badRequest("unknown field %q (known: %s)", k, strings.Join(channelInputFields, ", "))
+		}
+	}
+	str := func(field string) (string, bool, error) {
+		raw, ok := in[field]
+		if !ok || string(raw) == "null" {
+			return "", false, nil
+		}
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return "", true, badRequest("%s must be a string", field)
+		}
+		return s, true, nil
+	}
+	if s, ok, err := str("name"); err != nil {
+		return err
+	} else if ok || create {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			return badRequest("name is required")
+		}
+		if len(s) > 100 {
+			return badRequest("name is longer than 100 characters")
+		}
+		c.Name = s
+	}
+	if s, ok, err := str("url"); err != nil {
+		return err
+	} else if ok || create {
+		u, err := normalizeURL(s)
+		if err != nil {
+			return err
+		}
+		c.URL = u
+	}
+	keys, keysGiven, err := keysInput(in)
+	if err != nil {
+		return err
+	}
+	if keysGiven {
+		if keys, err = unmaskKeys(keys, c.APIKeys); err != nil {
+			return err
+		}
+		c.APIKeys = keys
+	}
+	if len(c.APIKeys) == 0 {
+		return badRequest("api_key is required: give one or more keys (a list, or separated by commas or newlines)")
+	}
+	if s, ok, err := str("channel_type"); err != nil {
+		return err
+	} else if ok || c.Type == "" {
+		p, err := parseChannelType(s)
+		if err != nil {
+			return badRequest("%v", err)
+		}
+		c.Type = p.String()
+	}
+	if raw, ok := in["priority"]; ok && string(raw) != "null" {
+		p, err := intInput(raw)
+		if err != nil {
+			return badRequest("priority must be an integer")
+		}
+		c.Priority = p
+	}
+	if raw, ok := in["models"]; ok {
+		m, err := listInput(raw)
+		if err != nil {
+			return badRequest("models must be a list of names or a comma-separated string")
+		}
+		c.Models = m
+	}
+	if raw, ok := in["model_redirects"]; ok {
+		m, err := redirectsInput(raw)
+		if err != nil {
+			return err
+		}
+		c.ModelRedirects = m
+	}
+	if s, ok, err := str("key_strategy"); err != nil {
+		return err
+	} else if ok || c.KeyStrategy == "" {
+		ks, err := parseKeyStrategy(s)
+		if err != nil {
+			return err
+		}
+		c.KeyStrategy = ks
+	}
+	if raw, ok := in["enabled"]; ok && string(raw) != "null" {
+		b, err := boolInput(raw)
+		if err != nil {
+			return badRequest("enabled must be true or false")
+		}
+		c.Enabled = b
+	}
+	return nil
+}
+
+func normalizeURL(s string) (string, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return "", badRequest("url is required, e.g. https://api.anthropic.com")
+	}
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", badRequest("url %q must be an absolute http(s) URL, e.g. https://api.anthropic.com", s)
+	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		return "", badRequest("url %q must not have a query or fragment", s)
+	}
+	u.Path = strings.TrimRight(u.Path, "/")
+	u.RawPath = ""
+	return u.String(), nil
+}
+
+func parseKeyStrategy(s string) (string, error) {
+	switch strings.ToLower(strings.NewReplacer("-", "_", " ", "_").Replace(strings.TrimSpace(s))) {
+	case "", keySequential:
+		return keySequential, nil
+	case keyRoundRobin, "roundrobin", "rr":
+		return keyRoundRobin, nil
+	}
+	return "", badRequest("key_strategy %q: want sequential or round_robin", s)
+}
+
+// keysInput reads api_keys (list or string) and api_key (string); both may
+// hold several keys separated by commas or newlines.
+func keysInput(in map[string]json.RawMessage) ([]string, bool, error) {
+	var keys []string
+	given := false
+	for _, field := range []string{"api_keys", "api_key"} {
+		raw, ok := in[field]
+		if !ok || string(raw) == "null" {
+			continue
+		}
+		given = true
+		l, err := listInput(raw)
+		if err != nil {
+			return nil, true, badRequest("%s must be a string or a list of strings", field)
+		}
+		keys = append(keys, l...)
+	}
+	return dedupe(keys), given, nil
+}
+
+// unmaskKeys lets a client send back the masked keys it was shown: each
+// masked entry stands for the stored key it masks.
+func unmaskKeys(keys, stored []string) ([]string, error) {
+	out := make([]string, 0, len(keys))
+	for i, k := range keys {
+		if !strings.Contains(k, "…") {
+			out = append(out, k)
+			continue
+		}
+		found := false
+		for _, s := range stored {
+			if maskKey(s) == k {
+				out = append(out, s)
+				found = true
+				break
+			}
+		}
+		if !found {
+			return nil, badRequest("api_keys[%d] %q is a masked key that matches no stored key: send the full key", i, k)
+		}
+	}
+	return dedupe(out), nil
+}
+
+// listInput accepts a JSON list of strings or one string of items separated
+// by commas, semicolons or newlines.
+func listInput(raw json.RawMessage) ([]string, error) {
+	var l []string
+	if err := json.Unmarshal(raw, &l); err != nil {
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return nil, err
+		}
+		l = splitList(s)
+	}
+	out := make([]string, 0, len(l))
+	for _, v := range l {
+		if v = strings.TrimSpace(v); v != "" {
+			out = append(out, v)
+		}
+	}
+	return dedupe(out), nil
+}
+
+func splitList(s string) []string {
+	return strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ';' || r == '\n' || r == '\r' })
+}
+
+func dedupe(l []string) []string {
+	out := l[:0:0]
+	for _, v := range l {
+		if !slices.Contains(out, v) {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+func redirectsInput(raw json.RawMessage) (map[string]string, error) {
+	if string(raw) == "null" {
+		return map[string]string{}, nil
+	}
+	var m map[string]string
+	if err := json.Unmarshal(raw, &m); err != nil {
+		// A JSON object in a string, as forms and CSV cells send it.
+		var s string
+		if json.Unmarshal(raw, &s) != nil || (strings.TrimSpace(s) != "" && json.Unmarshal([]byte(s), &m) != nil) {
+			return nil, badRequest(`model_redirects must be an object like {"asked-model": "upstream-model"}`)
+		}
+	}
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		k, v = strings.TrimSpace(k), strings.TrimSpace(v)
+		if k == "" || v == "" {
+			return nil, badRequest("model_redirects: empty model name in %q → %q", k, v)
+		}
+		out[k] = v
+	}
+	return out, nil
+}
+
+func intInput(raw json.RawMessage) (int, error) {
+	var n int
+	if err := json.Unmarshal(raw, &n); err == nil {
+		return n, nil
+	}
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(s))
+}
+
+func boolInput(raw json.RawMessage) (bool, error) {
+	var b bool
+	if err := json.Unmarshal(raw, &b); err == nil {
+		return b, nil
+	}
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return false, err
+	}
+	return parseBool(s)
+}
+
+// parseBool accepts the spellings people use in forms and spreadsheets.
+func parseBool(s string) (bool, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "true", "1", "yes", "y", "on", "enabled", "enable", "启用", "是":
+		return true, nil
+	case "false", "0", "no", "n", "off", "disabled", "disable", "禁用", "否":
+		return false, nil
+	}
+	return false, fmt.Errorf("%q is not a boolean", s)
+}
+
+// handleTestChannel sends a minimal real request through one channel and
+// reports status and latency. A success clears the channel's cooldowns; a
+// failure cools nothing, since a person is probing.
+func (a *admin) handleTestChannel() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := pathID(r)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		var in struct {
+			Model    string `json:"model"`
+			KeyIndex *int   `json:"key_index"`
+		}
+		if r.ContentLength != 0 {
+			if err := decodeJSON(w, r, &in); err != nil {
+				writeAPIError(w, r, err)
+				return
+			}
+		}
+		c, err := a.store.GetChannel(r.Context(), id)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		k := 0
+		if in.KeyIndex != nil {
+			k = *in.KeyIndex
+		}
+		if k < 0 || k >= len(c.APIKeys) {
+			writeAPIError(w, r, badRequest("key_index %d: channel has %d keys", k, len(c.APIKeys)))
+			return
+		}
+		writeJSON(w, http.StatusOK, a.testChannel(r.Context(), c, k, in.Model))
+	})
+}
+
+type testResult struct {
+	OK        bool   `json:"ok"`
+	Status    int    `json:"status"`
+	LatencyMS int64  `json:"latency_ms"`
+	Model     string `json:"model"`
+	KeyIndex  int    `json:"key_index"`
+	Message   string `json:"message"`
+}
+
+// Models a test uses when neither the request nor the channel names one.
+var defaultTestModel = map[protocol]string{
+	protoAnthropic: "claude-haiku-4-5",
+	protoOpenAI:    "gpt-5-codex",
+	protoGemini:    "gemini-2.5-flash",
+}
+
+func (a *admin) testChannel(ctx context.Context, c Channel, k int, model string) testResult {
+	p, _ := parseChannelType(c.Type)
+	if model == "" {
+		if len(c.Models) > 0 {
+			model = c.Models[0]
+		} else {
+			for m := range c.ModelRedirects {
+				model = m
+				break
+			}
+		}
+	}
+	if model == "" {
+		model = defaultTestModel[p]
+	}
+	res := testResult{Model: model, KeyIndex: k}
+	upstream := model
+	if m, ok := c.ModelRedirects[model]; ok {
+		upstream = m
+	}
+	q, _ := json.Marshal(upstream)
+	var path, body string
+	switch p {
+	case protoOpenAI:
+		path, body = "/v1/responses", `{"model":`+string(q)+`,"input":"ping","max_output_tokens":16}`
+	case protoGemini:
+		path, body = "/v1beta/models/"+upstream+":generateContent", `{"contents":[{"parts":[{"text":"ping"}]}]}`
+	default:
+		path, body = "/v1/messages", `{"model":`+string(q)+`,"max_tokens":8,"messages":[{"role":"user","content":"ping"}]}`
+	}
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimRight(c.URL, "/")+path, strings.NewReader(body))
+	if err != nil {
+		res.Message = err.Error()
+		return res
+	}
+	req.Header.Set("Content-Type", "application/json")
+	key := c.APIKeys[k]
+	switch p {
+	case protoOpenAI:
+		req.Header.Set("Authorization", "Bearer "+key)
+	case protoGemini:
+		req.Header.Set("X-Goog-Api-Key", key)
+	default:
+		req.Header.Set("Anthropic-Version", "2023-06-01")
+		req.Header.Set("X-Api-Key", key)
+		if !strings.EqualFold(req.URL.Hostname(), "api.anthropic.com") {
+			req.Header.Set("Authorization", "Bearer "+key)
+		}
+	}
+	start := a.now()
+	resp, err := a.relay.upstream.RoundTrip(req)
+	res.LatencyMS = a.now().Sub(start).Milliseconds()
+	if err != nil {
+		res.Message = "request failed: " + shortError(err)
+		return res
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	res.Status = resp.StatusCode
+	res.OK = resp.StatusCode >= 200 && resp.StatusCode < 300
+	if ue, isErr := parseErrorDoc(b); isErr {
+		res.OK = false
+		res.Message = truncate(ue.message, 300)
+	} else if !res.OK {
+		res.Message = truncate(strings.TrimSpace(string(b)), 300)
+	} else {
+		res.Message = "ok"
+	}
+	if res.OK {
+		if h := a.cool.get(c.ID); h != nil {
+			a.cool.succeed(h, k, model)
+		}
+	}
+	return res
+}
+
+// summary is the 24-hour overview on the dashboard and /public/summary.
+type summary struct {
+	WindowHours     int     `json:"window_hours"`
+	Requests        int64   `json:"requests"`
+	Success         int64   `json:"success"`
+	Errors          int64   `json:"errors"`
+	SuccessRate     float64 `json:"success_rate"`
+	ChannelsEnabled int     `json:"channels_enabled"`
+	ChannelsCooling int     `json:"channels_cooling"`
+}
+
+func (a *admin) summary(ctx context.Context) (summary, error) {
+	s := summary{WindowHours: 24}
+	var err error
+	s.Requests, s.Success, err = a.store.CountRequests(ctx, a.now().Add(-24*time.Hour))
+	if err != nil {
+		return s, err
+	}
+	s.Errors = s.Requests - s.Success
+	if s.Requests > 0 {
+		s.SuccessRate = float64(s.Success) / float64(s.Requests)
+	}
+	snap := a.sel.current()
+	now := a.now().UnixNano()
+	for _, e := range snap.entries {
+		s.ChannelsEnabled++
+		if e.health.blockedUntil("", now) != 0 {
+			s.ChannelsCooling++
+		}
+	}
+	return s, nil
+}
+
+func (a *admin) handleSummary() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s, err := a.summary(r.Context())
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, s)
+	})
+}
+
+func (a *admin) handleHealthz() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := a.store.rdb.PingContext(r.Context()); err != nil {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "database unavailable"})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok", "version": version})
+	})
+}
+
+// CountRequests returns how many requests were logged since t, and how many
+// of them succeeded.
+func (s *Store) CountRequests(ctx context.Context, since time.Time) (total, success int64, err error) {
+	err = s.rdb.QueryRowContext(ctx, `SELECT count(*), coalesce(sum(status >= 200 AND status < 300), 0)
+		FROM logs WHERE time >= ?`, since.UnixMilli()).Scan(&total, &success)
+	return total, success, err
+}
+
+func (a *admin) handleRedisStatus() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if a.mirror == nil {
+			writeJSON(w, http.StatusOK, map[string]any{"enabled": false})
+			return
+		}
+		writeJSON(w, http.StatusOK, a.mirror.Status())
+	})
+}

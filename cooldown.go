@@ -1,0 +1,456 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Cooldown bases and cap. A failure that is likely to pass by itself (a 5xx,
+// a reset connection) starts at transientBase; one that a person must fix (a
+// revoked key, a model the channel does not have) starts at persistentBase.
+// Each consecutive failure doubles the wait, up to cooldownCap. A reset time
+// the upstream gives (Retry-After and kin) replaces the computed wait, but
+// never beyond maxUpstreamWait, which guards against nonsense headers.
+const (
+	transientBase   = 30 * time.Second
+	persistentBase  = 5 * time.Minute
+	cooldownCap     = 30 * time.Minute
+	maxUpstreamWait = 24 * time.Hour
+)
+
+// backoff is the wait after the n-th consecutive failure (n >= 1).
+func backoff(base time.Duration, n int) time.Duration {
+	d := base
+	for i := 1; i < n && d < cooldownCap; i++ {
+		d *= 2
+	}
+	return min(d, cooldownCap)
+}
+
+// scope says what a failure is blamed on.
+type scope uint8
+
+const (
+	scopeNone    scope = iota // the client's fault, or nobody's: nothing cools
+	scopeKey                  // one key of the channel
+	scopeChannel              // the whole channel
+	scopeModel                // one model on the channel
+)
+
+func (s scope) String() string {
+	return [...]string{"none", "key", "channel", "model"}[s]
+}
+
+// verdict is what the proxy concluded from one attempt.
+type verdict struct {
+	scope  scope
+	base   time.Duration // backoff base for this kind of failure
+	wait   time.Duration // the upstream's own reset time; wins when > 0
+	status int           // upstream status, or a synthetic one (502 for a dead connection)
+	reason string        // short, for the log and the admin
+}
+
+// coolSlot is the state of one scope. until is read on the hot path without
+// a lock; everything else is guarded by the owning channelHealth.mu.
+type coolSlot struct {
+	until    atomic.Int64 // UnixNano; 0 when the scope has no failure on record
+	failures int
+	reason   string
+	status   int
+}
+
+// cooling reports whether the slot blocks traffic at now (UnixNano).
+func (s *coolSlot) cooling(now int64) bool {
+	u := s.until.Load()
+	return u != 0 && u > now
+}
+
+// channelHealth is the mutable health of one channel. It lives apart from
+// the channel's configuration, so that a snapshot rebuild for an unrelated
+// edit keeps it; it is replaced when the channel's URL or keys change.
+type channelHealth struct {
+	id          int64
+	fingerprint string // URL and keys this health describes
+
+	mu     sync.Mutex // guards the non-atomic fields of ch, keys and models' slots, and writes to models
+	ch     coolSlot
+	keys   []coolSlot
+	models atomic.Pointer[map[string]*coolSlot] // copy on write; nil until a model first fails
+
+	rr atomic.Uint32 // round robin position over keys
+}
+
+func (h *channelHealth) modelSlot(model string) *coolSlot {
+	if m := h.models.Load(); m != nil {
+		return (*m)[model]
+	}
+	return nil
+}
+
+// blockedUntil returns when the channel can next serve model, as UnixNano:
+// 0 if it can now. A channel whose keys are all cooling is blocked until the
+// first key frees.
+func (h *channelHealth) blockedUntil(model string, now int64) int64 {
+	var until int64
+	if h.ch.cooling(now) {
+		until = h.ch.until.Load()
+	}
+	if s := h.modelSlot(model); s != nil && s.cooling(now) {
+		until = max(until, s.until.Load())
+	}
+	if len(h.keys) > 0 {
+		soonest := int64(0)
+		for i := range h.keys {
+			if !h.keys[i].cooling(now) {
+				soonest = 0
+				break
+			}
+			if u := h.keys[i].until.Load(); soonest == 0 || u < soonest {
+				soonest = u
+			}
+		}
+		until = max(until, soonest)
+	}
+	return until
+}
+
+// cooldowns is the registry of every channel's health, plus the queue of
+// changes waiting to be persisted.
+type cooldowns struct {
+	now func() time.Time
+
+	mu   sync.Mutex // guards byID
+	byID map[int64]*channelHealth
+
+	pendingMu sync.Mutex // guards pending
+	pending   map[cooldownKey]cooldownRecord
+	wake      chan struct{} // capacity 1: "pending is not empty"
+}
+
+type cooldownKey struct {
+	channelID int64
+	keyIndex  int
+	model     string
+}
+
+func newCooldowns(now func() time.Time) *cooldowns {
+	return &cooldowns{
+		now:     now,
+		byID:    make(map[int64]*channelHealth),
+		pending: make(map[cooldownKey]cooldownRecord),
+		wake:    make(chan struct{}, 1),
+	}
+}
+
+// sync makes the registry match the channel set: a health per channel, kept
+// when its fingerprint is unchanged and fresh otherwise; health of deleted
+// channels is dropped. It returns the health by channel id.
+func (c *cooldowns) sync(channels []Channel) map[int64]*channelHealth {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	next := make(map[int64]*channelHealth, len(channels))
+	for i := range channels {
+		ch := &channels[i]
+		fp := channelFingerprint(ch)
+		h := c.byID[ch.ID]
+		if h == nil || h.fingerprint != fp {
+			h = &channelHealth{id: ch.ID, fingerprint: fp, keys: make([]coolSlot, len(ch.APIKeys))}
+		}
+		next[ch.ID] = h
+	}
+	c.byID = next
+	out := make(map[int64]*channelHealth, len(next))
+	for id, h := range next {
+		out[id] = h
+	}
+	return out
+}
+
+func channelFingerprint(ch *Channel) string {
+	n := len(ch.URL)
+	for _, k := range ch.APIKeys {
+		n += len(k) + 1
+	}
+	b := make([]byte, 0, n)
+	b = append(b, ch.URL...)
+	for _, k := range ch.APIKeys {
+		b = append(b, 0)
+		b = append(b, k...)
+	}
+	return string(b)
+}
+
+func (c *cooldowns) get(id int64) *channelHealth {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.byID[id]
+}
+
+// restore applies persisted records to the registry; records of unknown
+// channels or keys are ignored.
+func (c *cooldowns) restore(recs []cooldownRecord) int {
+	n := 0
+	for _, r := range recs {
+		h := c.get(r.ChannelID)
+		if h == nil {
+			continue
+		}
+		h.mu.Lock()
+		var s *coolSlot
+		switch {
+		case r.Model != "":
+			s = h.modelSlotLocked(r.Model)
+		case r.KeyIndex >= 0 && r.KeyIndex < len(h.keys):
+			s = &h.keys[r.KeyIndex]
+		case r.KeyIndex < 0:
+			s = &h.ch
+		}
+		if s != nil {
+			s.failures, s.reason, s.status = r.Failures, r.Reason, r.Status
+			s.until.Store(r.Until.UnixNano())
+			n++
+		}
+		h.mu.Unlock()
+	}
+	return n
+}
+
+// modelSlotLocked returns the slot for model, creating it. h.mu must be held.
+func (h *channelHealth) modelSlotLocked(model string) *coolSlot {
+	old := h.models.Load()
+	if old != nil {
+		if s := (*old)[model]; s != nil {
+			return s
+		}
+	}
+	next := make(map[string]*coolSlot, 1)
+	if old != nil {
+		for k, v := range *old {
+			next[k] = v
+		}
+	}
+	s := &coolSlot{}
+	next[model] = s
+	h.models.Store(&next)
+	return s
+}
+
+// fail records a failure of the given verdict and returns the time the scope
+// frees.
+func (c *cooldowns) fail(h *channelHealth, keyIndex int, model string, v verdict) time.Time {
+	now := c.now()
+	h.mu.Lock()
+	var (
+		s   *coolSlot
+		key = cooldownKey{channelID: h.id, keyIndex: -1}
+	)
+	switch v.scope {
+	case scopeKey:
+		if keyIndex < 0 || keyIndex >= len(h.keys) {
+			h.mu.Unlock()
+			return now
+		}
+		s, key.keyIndex = &h.keys[keyIndex], keyIndex
+	case scopeModel:
+		s, key.model = h.modelSlotLocked(model), model
+	case scopeChannel:
+		s = &h.ch
+	default:
+		h.mu.Unlock()
+		return now
+	}
+	s.failures++
+	d := backoff(v.base, s.failures)
+	if v.wait > 0 {
+		d = min(v.wait, maxUpstreamWait)
+	}
+	until := now.Add(d)
+	s.reason, s.status = v.reason, v.status
+	s.until.Store(until.UnixNano())
+	rec := cooldownRecord{ChannelID: h.id, KeyIndex: key.keyIndex, Model: key.model,
+		Until: until, Failures: s.failures, Reason: s.reason, Status: s.status}
+	h.mu.Unlock()
+	c.persist(key, rec)
+	return until
+}
+
+// succeed clears what a success disproves: the channel's cooldown, the key's
+// and the model's. The check before locking keeps the common case (nothing
+// on record) free of locks.
+func (c *cooldowns) succeed(h *channelHealth, keyIndex int, model string) {
+	ks := (*coolSlot)(nil)
+	if keyIndex >= 0 && keyIndex < len(h.keys) {
+		ks = &h.keys[keyIndex]
+	}
+	ms := h.modelSlot(model)
+	if h.ch.until.Load() == 0 && (ks == nil || ks.until.Load() == 0) && (ms == nil || ms.until.Load() == 0) {
+		return
+	}
+	h.mu.Lock()
+	var cleared []cooldownKey
+	clear := func(s *coolSlot, k cooldownKey) {
+		if s != nil && s.until.Load() != 0 {
+			s.until.Store(0)
+			s.failures, s.reason, s.status = 0, "", 0
+			cleared = append(cleared, k)
+		}
+	}
+	clear(&h.ch, cooldownKey{h.id, -1, ""})
+	clear(ks, cooldownKey{h.id, keyIndex, ""})
+	clear(ms, cooldownKey{h.id, -1, model})
+	h.mu.Unlock()
+	for _, k := range cleared {
+		c.persist(k, cooldownRecord{ChannelID: k.channelID, KeyIndex: k.keyIndex, Model: k.model})
+	}
+}
+
+// clearAll lifts every cooldown of the channel (admin action). The stored
+// rows are deleted by the caller in the same request, so nothing is queued.
+func (c *cooldowns) clearAll(h *channelHealth) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	reset := func(s *coolSlot) {
+		s.until.Store(0)
+		s.failures, s.reason, s.status = 0, "", 0
+	}
+	reset(&h.ch)
+	for i := range h.keys {
+		reset(&h.keys[i])
+	}
+	if m := h.models.Load(); m != nil {
+		for _, s := range *m {
+			reset(s)
+		}
+	}
+	c.pendingMu.Lock()
+	for k := range c.pending {
+		if k.channelID == h.id {
+			delete(c.pending, k)
+		}
+	}
+	c.pendingMu.Unlock()
+}
+
+func (c *cooldowns) persist(k cooldownKey, r cooldownRecord) {
+	c.pendingMu.Lock()
+	c.pending[k] = r
+	c.pendingMu.Unlock()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (c *cooldowns) takePending() []cooldownRecord {
+	c.pendingMu.Lock()
+	defer c.pendingMu.Unlock()
+	if len(c.pending) == 0 {
+		return nil
+	}
+	out := make([]cooldownRecord, 0, len(c.pending))
+	for k, r := range c.pending {
+		out = append(out, r)
+		delete(c.pending, k)
+	}
+	return out
+}
+
+// persistLoop writes queued cooldown changes to the store until ctx ends,
+// then writes what is left. Bursts coalesce: only the latest state of a
+// scope is written. A failed write is retried on the next change or flush.
+func (c *cooldowns) persistLoop(ctx context.Context, s *Store) {
+	flush := func(ctx context.Context) {
+		recs := c.takePending()
+		if len(recs) == 0 {
+			return
+		}
+		if err := s.SaveCooldowns(ctx, recs); err != nil {
+			slog.Error("persist cooldowns", "err", err, "records", len(recs))
+			c.pendingMu.Lock()
+			for _, r := range recs {
+				k := cooldownKey{r.ChannelID, r.KeyIndex, r.Model}
+				if _, newer := c.pending[k]; !newer {
+					c.pending[k] = r
+				}
+			}
+			c.pendingMu.Unlock()
+		}
+	}
+	for {
+		select {
+		case <-c.wake:
+			flush(ctx)
+		case <-ctx.Done():
+			flush(context.WithoutCancel(ctx))
+			return
+		}
+	}
+}
+
+// healthState is the admin view of a channel's health.
+type healthState struct {
+	CooldownUntil  *time.Time   `json:"cooldown_until"`
+	CooldownReason string       `json:"cooldown_reason"`
+	Failures       int          `json:"failures"`
+	Keys           []keyState   `json:"keys"`
+	Models         []modelState `json:"models"`
+}
+
+type keyState struct {
+	Index         int        `json:"index"`
+	CooldownUntil *time.Time `json:"cooldown_until"`
+	Reason        string     `json:"reason"`
+	Failures      int        `json:"failures"`
+}
+
+type modelState struct {
+	Model         string     `json:"model"`
+	CooldownUntil *time.Time `json:"cooldown_until"`
+	Reason        string     `json:"reason"`
+	Failures      int        `json:"failures"`
+}
+
+// state returns the admin view at now. Only scopes still cooling carry a
+// cooldown_until; failures show the consecutive count either way.
+func (h *channelHealth) state(now time.Time) healthState {
+	n := now.UnixNano()
+	at := func(s *coolSlot) *time.Time {
+		if !s.cooling(n) {
+			return nil
+		}
+		t := time.Unix(0, s.until.Load()).UTC()
+		return &t
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	st := healthState{
+		CooldownUntil: at(&h.ch),
+		Failures:      h.ch.failures,
+		Keys:          make([]keyState, len(h.keys)),
+		Models:        []modelState{},
+	}
+	if st.CooldownUntil != nil {
+		st.CooldownReason = h.ch.reason
+	}
+	for i := range h.keys {
+		k := &h.keys[i]
+		st.Keys[i] = keyState{Index: i, CooldownUntil: at(k), Failures: k.failures}
+		if st.Keys[i].CooldownUntil != nil {
+			st.Keys[i].Reason = k.reason
+		}
+	}
+	if m := h.models.Load(); m != nil {
+		for name, s := range *m {
+			if u := at(s); u != nil {
+				st.Models = append(st.Models, modelState{Model: name, CooldownUntil: u, Reason: s.reason, Failures: s.failures})
+			}
+		}
+		slices.SortFunc(st.Models, func(a, b modelState) int { return strings.Compare(a.Model, b.Model) })
+	}
+	return st
+}

@@ -1,0 +1,476 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+)
+
+// fakeUpstream is a faithful stand-in for the Anthropic, OpenAI (chat and
+// Responses) and Gemini APIs: real SSE framing, usage fields, error bodies
+// in each protocol's shape, and the ways real upstreams fail. It is the only
+// fake in the tests; everything else is real.
+type fakeUpstream struct {
+	*httptest.Server
+	name string
+
+	mu       sync.Mutex // guards behave and reqs
+	behave   func(n int, r *http.Request) fakeBehavior
+	reqs     []fakeRequest
+	hits     atomic.Int64
+	inFlight atomic.Int64
+	// release unblocks stalled handlers when closed (see fakeBehavior.Stall*).
+	release chan struct{}
+	// ended receives once per request when its handler returns, so tests
+	// can wait for an upstream request to end without polling.
+	ended chan struct{}
+}
+
+// fakeRequest is what the upstream received.
+type fakeRequest struct {
+	Method, Path, Query string
+	Header              http.Header
+	Body                []byte
+	Key                 string // the credential it was sent
+}
+
+// fakeBehavior says how to answer one request. The zero value is a prompt,
+// correct answer in the request's protocol.
+type fakeBehavior struct {
+	Status     int    // answer this error status with a protocol error body
+	ErrType    string // error type for Status or FirstEventError
+	RetryAfter string // Retry-After header on an error
+	RequireKey string // answer 401 unless this key is presented
+
+	HTML404        bool // 404 with an HTML page (a wrong URL)
+	Reset          bool // reset the connection before any response
+	StallHeaders   bool // never answer (until the client gives up or release)
+	StallFirst     bool // stream: headers and a ping, then nothing
+	FirstEventErr  bool // stream: 200, then an error event first
+	CutAfter       int  // stream: drop the connection after this many deltas
+	CutClean       bool // with CutAfter: end the body cleanly (no terminal event) instead
+	MidStreamError bool // with CutAfter: send an error event there instead of cutting
+	EmptyBody      bool // 200 with an empty body
+	HTMLBody       bool // 200 with an HTML page
+	ErrorIn200     bool // non-stream: 200 whose JSON body is an error
+
+	Deltas int    // content deltas in a stream (default 3)
+	Text   string // text of each delta (default "Hello")
+	// BlockDeltas, when set, is received from before each delta after the
+	// first: tests pace a stream without sleeping.
+	BlockDeltas chan struct{}
+}
+
+// Usage the fake reports, fixed so tests can assert what the log holds.
+const (
+	fakeInputTokens  = 12
+	fakeOutputTokens = 34
+	fakeCacheRead    = 5
+	fakeCacheWrite   = 7
+)
+
+func newFakeUpstream(tb testing.TB, name string) *fakeUpstream {
+	f := &fakeUpstream{name: name, release: make(chan struct{}), ended: make(chan struct{}, 1<<16)}
+	f.Server = httptest.NewServer(http.HandlerFunc(f.serve))
+	tb.Cleanup(func() {
+		f.releaseAll()
+		f.Server.CloseClientConnections()
+		f.Server.Close()
+	})
+	return f
+}
+
+// set makes every request get b.
+func (f *fakeUpstream) set(b fakeBehavior) {
+	f.script(func(int, *http.Request) fakeBehavior { return b })
+}
+
+// script chooses the behavior per request; n counts from 1.
+func (f *fakeUpstream) script(fn func(n int, r *http.Request) fakeBehavior) {
+	f.mu.Lock()
+	f.behave = fn
+	f.mu.Unlock()
+}
+
+func (f *fakeUpstream) releaseAll() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	select {
+	case <-f.release:
+	default:
+		close(f.release)
+	}
+}
+
+func (f *fakeUpstream) requests() []fakeRequest {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]fakeRequest(nil), f.reqs...)
+}
+
+func (f *fakeUpstream) count() int { return int(f.hits.Load()) }
+
+func presentedKey(r *http.Request) string {
+	if k := r.Header.Get("X-Api-Key"); k != "" {
+		return k
+	}
+	if k := r.Header.Get("X-Goog-Api-Key"); k != "" {
+		return k
+	}
+	return strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+}
+
+// fakeProto tells the protocol from the path, as a real upstream's routes do.
+func fakeProto(path string) (p protocol, responses bool) {
+	switch {
+	case strings.Contains(path, "/v1beta/"):
+		return protoGemini, false
+	case strings.Contains(path, "/v1/responses"):
+		return protoOpenAI, true
+	case strings.Contains(path, "/v1/messages"):
+		return protoAnthropic, false
+	}
+	return protoOpenAI, false
+}
+
+func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
+	n := int(f.hits.Add(1))
+	f.inFlight.Add(1)
+	defer func() {
+		f.inFlight.Add(-1)
+		select {
+		case f.ended <- struct{}{}:
+		default:
+		}
+	}()
+	body, _ := io.ReadAll(r.Body)
+	f.mu.Lock()
+	f.reqs = append(f.reqs, fakeRequest{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery,
+		Header: r.Header.Clone(), Body: body, Key: presentedKey(r)})
+	behave, release := f.behave, f.release
+	f.mu.Unlock()
+	var b fakeBehavior
+	if behave != nil {
+		b = behave(n, r)
+	}
+	p, responses := fakeProto(r.URL.Path)
+
+	var req struct {
+		Model  string `json:"model"`
+		Stream bool   `json:"stream"`
+	}
+	json.Unmarshal(body, &req)
+	model := req.Model
+	stream := req.Stream
+	if p == protoGemini {
+		rest := r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:]
+		model, _, _ = strings.Cut(rest, ":")
+		stream = strings.Contains(rest, ":stream")
+	}
+
+	switch {
+	case b.Reset:
+		resetConn(w)
+		return
+	case b.StallHeaders:
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+		return
+	case b.HTML404:
+		w.Header().Set("Content-Type", "text/html")
+		w.WriteHeader(404)
+		io.WriteString(w, "<html><body><h1>404 Not Found</h1>nginx</body></html>")
+		return
+	case b.RequireKey != "" && presentedKey(r) != b.RequireKey:
+		writeFakeError(w, p, 401, "authentication_error", "invalid x-api-key", "")
+		return
+	case b.Status != 0:
+		writeFakeError(w, p, b.Status, b.ErrType, fmt.Sprintf("fake %s error %d", f.name, b.Status), b.RetryAfter)
+		return
+	case b.EmptyBody:
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(200)
+		return
+	case b.HTMLBody:
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		io.WriteString(w, "<!DOCTYPE html><html><body>Please log in</body></html>")
+		return
+	}
+	if strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens") {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"input_tokens":%d}`, fakeInputTokens)
+		return
+	}
+	if !stream {
+		if b.ErrorIn200 {
+			w.Header().Set("Content-Type", "application/json")
+			w.Write(fakeErrorBody(p, 529, "overloaded_error", "Overloaded"))
+			return
+		}
+		f.writeJSON(w, p, responses, model, b)
+		return
+	}
+	f.writeStream(w, r, p, responses, model, b, release)
+}
+
+// resetConn drops the connection with a TCP reset, before any response.
+func resetConn(w http.ResponseWriter) {
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		panic(http.ErrAbortHandler)
+	}
+	c, _, err := hj.Hijack()
+	if err != nil {
+		return
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}
+
+func fakeErrorBody(p protocol, status int, errType, msg string) []byte {
+	if errType == "" {
+		errType = anthropicErrorType(status)
+	}
+	var v any
+	switch p {
+	case protoOpenAI:
+		v = map[string]any{"error": map[string]any{"message": msg, "type": errType, "param": nil, "code": errType}}
+	case protoGemini:
+		v = map[string]any{"error": map[string]any{"code": status, "message": msg, "status": geminiStatus(status)}}
+	default:
+		v = map[string]any{"type": "error", "error": map[string]any{"type": errType, "message": msg}}
+	}
+	b, _ := json.Marshal(v)
+	return b
+}
+
+func writeFakeError(w http.ResponseWriter, p protocol, status int, errType, msg, retryAfter string) {
+	if retryAfter != "" {
+		w.Header().Set("Retry-After", retryAfter)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Request-Id", "req_fake")
+	w.WriteHeader(status)
+	w.Write(fakeErrorBody(p, status, errType, msg))
+}
+
+func (b fakeBehavior) text() string {
+	if b.Text == "" {
+		return "Hello"
+	}
+	return b.Text
+}
+
+func (b fakeBehavior) deltas() int {
+	if b.Deltas == 0 {
+		return 3
+	}
+	return b.Deltas
+}
+
+func (f *fakeUpstream) writeJSON(w http.ResponseWriter, p protocol, responses bool, model string, b fakeBehavior) {
+	text := strings.Repeat(b.text(), b.deltas())
+	var v any
+	switch {
+	case p == protoAnthropic:
+		v = map[string]any{"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+			"content":     []any{map[string]any{"type": "text", "text": text}},
+			"stop_reason": "end_turn", "stop_sequence": nil,
+			"usage": map[string]any{"input_tokens": fakeInputTokens, "output_tokens": fakeOutputTokens,
+				"cache_creation_input_tokens": fakeCacheWrite, "cache_read_input_tokens": fakeCacheRead}}
+	case p == protoOpenAI && responses:
+		v = map[string]any{"id": "resp_fake", "object": "response", "status": "completed", "model": model,
+			"output": []any{map[string]any{"type": "message", "role": "assistant",
+				"content": []any{map[string]any{"type": "output_text", "text": text}}}},
+			"usage": map[string]any{"input_tokens": fakeInputTokens + fakeCacheRead, "output_tokens": fakeOutputTokens,
+				"input_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}, "total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens}}
+	case p == protoOpenAI:
+		v = map[string]any{"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
+			"choices": []any{map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": text}, "finish_reason": "stop"}},
+			"usage": map[string]any{"prompt_tokens": fakeInputTokens + fakeCacheRead, "completion_tokens": fakeOutputTokens,
+				"total_tokens":          fakeInputTokens + fakeCacheRead + fakeOutputTokens,
+				"prompt_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}}}
+	default:
+		v = map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": text}}, "role": "model"},
+			"finishReason": "STOP", "index": 0}},
+			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": fakeOutputTokens,
+				"cachedContentTokenCount": fakeCacheRead, "totalTokenCount": fakeInputTokens + fakeCacheRead + fakeOutputTokens},
+			"modelVersion": model}
+	}
+	out, _ := json.Marshal(v)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
+	w.Write(out)
+}
+
+// sseWriter writes events with real framing and flushes each at once.
+type sseWriter struct {
+	w http.ResponseWriter
+	f http.Flusher
+}
+
+func (s sseWriter) event(name string, data any) {
+	var b bytes.Buffer
+	if name != "" {
+		b.WriteString("event: " + name + "\n")
+	}
+	switch d := data.(type) {
+	case string:
+		b.WriteString("data: " + d + "\n\n")
+	default:
+		j, _ := json.Marshal(d)
+		b.WriteString("data: ")
+		b.Write(j)
+		b.WriteString("\n\n")
+	}
+	s.w.Write(b.Bytes())
+	s.f.Flush()
+}
+
+func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p protocol, responses bool, model string, b fakeBehavior, release chan struct{}) {
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(200)
+	s := sseWriter{w, w.(http.Flusher)}
+	text := b.text()
+	n := b.deltas()
+
+	if p == protoAnthropic {
+		s.event("message_start", map[string]any{"type": "message_start", "message": map[string]any{
+			"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": []any{},
+			"stop_reason": nil, "stop_sequence": nil,
+			"usage": map[string]any{"input_tokens": fakeInputTokens, "cache_creation_input_tokens": fakeCacheWrite,
+				"cache_read_input_tokens": fakeCacheRead, "output_tokens": 1}}})
+	}
+	if p == protoOpenAI && responses {
+		s.event("response.created", map[string]any{"type": "response.created", "sequence_number": 0,
+			"response": map[string]any{"id": "resp_fake", "object": "response", "status": "in_progress", "model": model, "output": []any{}}})
+		s.event("response.in_progress", map[string]any{"type": "response.in_progress", "sequence_number": 1,
+			"response": map[string]any{"id": "resp_fake", "object": "response", "status": "in_progress", "model": model}})
+	}
+	if b.FirstEventErr {
+		errType := b.ErrType
+		if errType == "" {
+			errType = "overloaded_error"
+		}
+		switch {
+		case p == protoAnthropic:
+			s.event("error", map[string]any{"type": "error", "error": map[string]any{"type": errType, "message": "Overloaded"}})
+		case responses:
+			s.event("response.failed", map[string]any{"type": "response.failed", "response": map[string]any{
+				"id": "resp_fake", "status": "failed", "error": map[string]any{"code": errType, "message": "Overloaded"}}})
+		default:
+			s.event("", map[string]any{"error": map[string]any{"message": "Overloaded", "type": errType, "code": errType}})
+		}
+		return
+	}
+	if b.StallFirst {
+		if p == protoAnthropic {
+			s.event("ping", map[string]any{"type": "ping"})
+		} else {
+			w.Write([]byte(": keep-alive\n\n"))
+			s.f.Flush()
+		}
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+		return
+	}
+
+	switch {
+	case p == protoAnthropic:
+		s.event("content_block_start", map[string]any{"type": "content_block_start", "index": 0,
+			"content_block": map[string]any{"type": "text", "text": ""}})
+		s.event("ping", map[string]any{"type": "ping"})
+	case p == protoOpenAI && responses:
+		s.event("response.output_item.added", map[string]any{"type": "response.output_item.added", "output_index": 0,
+			"item": map[string]any{"id": "msg_fake", "type": "message", "status": "in_progress", "role": "assistant", "content": []any{}}})
+	case p == protoOpenAI:
+		s.event("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+			"choices": []any{map[string]any{"index": 0, "delta": map[string]any{"role": "assistant", "content": ""}, "finish_reason": nil}}})
+	}
+
+	for i := range n {
+		if i > 0 && b.BlockDeltas != nil {
+			select {
+			case <-b.BlockDeltas:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		if b.CutAfter > 0 && i == b.CutAfter {
+			switch {
+			case b.MidStreamError:
+				s.event("error", map[string]any{"type": "error", "error": map[string]any{"type": "overloaded_error", "message": "Overloaded mid-stream"}})
+				return
+			case b.CutClean:
+				return // the body ends without the terminal event
+			}
+			// Half an event, then the connection drops.
+			w.Write([]byte("event: content_block_delta\ndata: {\"type\":\"content_blo"))
+			s.f.Flush()
+			panic(http.ErrAbortHandler)
+		}
+		switch {
+		case p == protoAnthropic:
+			s.event("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,
+				"delta": map[string]any{"type": "text_delta", "text": text}})
+		case p == protoOpenAI && responses:
+			s.event("response.output_text.delta", map[string]any{"type": "response.output_text.delta",
+				"item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": text})
+		case p == protoOpenAI:
+			s.event("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+				"choices": []any{map[string]any{"index": 0, "delta": map[string]any{"content": text}, "finish_reason": nil}}})
+		default:
+			s.event("", map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": text}}, "role": "model"}, "index": 0}},
+				"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": i + 1,
+					"cachedContentTokenCount": fakeCacheRead},
+				"modelVersion": model})
+		}
+	}
+
+	switch {
+	case p == protoAnthropic:
+		s.event("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0})
+		s.event("message_delta", map[string]any{"type": "message_delta",
+			"delta": map[string]any{"stop_reason": "end_turn", "stop_sequence": nil},
+			"usage": map[string]any{"output_tokens": fakeOutputTokens}})
+		s.event("message_stop", map[string]any{"type": "message_stop"})
+	case p == protoOpenAI && responses:
+		s.event("response.output_text.done", map[string]any{"type": "response.output_text.done", "item_id": "msg_fake",
+			"output_index": 0, "content_index": 0, "text": strings.Repeat(text, n)})
+		s.event("response.completed", map[string]any{"type": "response.completed", "response": map[string]any{
+			"id": "resp_fake", "object": "response", "status": "completed", "model": model,
+			"output": []any{map[string]any{"type": "message", "role": "assistant",
+				"content": []any{map[string]any{"type": "output_text", "text": strings.Repeat(text, n)}}}},
+			"usage": map[string]any{"input_tokens": fakeInputTokens + fakeCacheRead, "output_tokens": fakeOutputTokens,
+				"input_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}, "total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens}}})
+	case p == protoOpenAI:
+		s.event("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+			"choices": []any{map[string]any{"index": 0, "delta": map[string]any{}, "finish_reason": "stop"}}})
+		s.event("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+			"choices": []any{}, "usage": map[string]any{"prompt_tokens": fakeInputTokens + fakeCacheRead, "completion_tokens": fakeOutputTokens,
+				"total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens, "prompt_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}}})
+		s.event("", "[DONE]")
+	default:
+		s.event("", map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": ""}}, "role": "model"},
+			"finishReason": "STOP", "index": 0}},
+			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": fakeOutputTokens,
+				"cachedContentTokenCount": fakeCacheRead, "totalTokenCount": fakeInputTokens + fakeCacheRead + fakeOutputTokens},
+			"modelVersion": model})
+	}
+}

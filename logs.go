@@ -1,0 +1,295 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// logEntry is one client request, as the request log stores it.
+type logEntry struct {
+	ID            int64     `json:"id"`
+	Time          time.Time `json:"time"`
+	Token         string    `json:"token"`
+	Protocol      string    `json:"protocol"`
+	Model         string    `json:"model"`
+	UpstreamModel string    `json:"upstream_model"`
+	ChannelID     int64     `json:"channel_id"`
+	ChannelName   string    `json:"channel_name"`
+	KeyIndex      int       `json:"key_index"`
+	Attempts      int       `json:"attempts"`
+	Status        int       `json:"status"`
+	DurationMS    int64     `json:"duration_ms"`
+	FirstByteMS   int64     `json:"first_byte_ms"`
+	Stream        bool      `json:"stream"`
+	InputTokens   int64     `json:"input_tokens"`
+	OutputTokens  int64     `json:"output_tokens"`
+	CacheRead     int64     `json:"cache_read_tokens"`
+	CacheWrite    int64     `json:"cache_write_tokens"`
+	ClientIP      string    `json:"client_ip"`
+	Error         string    `json:"error"`
+
+	// flushed, when set, marks a flush request rather than a row: the
+	// writer closes it once everything queued before it is written.
+	flushed chan struct{}
+}
+
+// logWriter is the one goroutine that writes the request log. Requests hand
+// it entries through a bounded queue and never wait: when the queue is full
+// the entry is dropped and counted, because a slow disk must not slow the
+// proxy. Entries are written in batches, one transaction each.
+type logWriter struct {
+	store   *Store
+	queue   chan logEntry
+	dropped atomic.Uint64
+	written atomic.Uint64
+	failed  atomic.Uint64 // entries lost to write errors
+
+	closeOnce sync.Once
+	done      chan struct{}
+}
+
+const (
+	logQueueSize = 8192
+	logBatchMax  = 512
+)
+
+func newLogWriter(s *Store, queueSize int) *logWriter {
+	lw := &logWriter{store: s, queue: make(chan logEntry, queueSize), done: make(chan struct{})}
+	go lw.run()
+	return lw
+}
+
+// add queues e; it reports false when the queue was full and e was dropped.
+func (lw *logWriter) add(e logEntry) bool {
+	select {
+	case lw.queue <- e:
+		return true
+	default:
+		lw.dropped.Add(1)
+		return false
+	}
+}
+
+func (lw *logWriter) run() {
+	defer close(lw.done)
+	batch := make([]logEntry, 0, logBatchMax)
+	var flushes []chan struct{}
+	for e := range lw.queue {
+		batch, flushes = batch[:0], flushes[:0]
+		// Take whatever else is already waiting: under load batches grow
+		// and commits stay few; when idle each entry is written at once.
+		for more := true; more; {
+			if e.flushed != nil {
+				flushes = append(flushes, e.flushed)
+			} else {
+				batch = append(batch, e)
+			}
+			if len(batch) == logBatchMax {
+				break
+			}
+			select {
+			case e, more = <-lw.queue:
+			default:
+				more = false
+			}
+		}
+		if len(batch) > 0 {
+			lw.write(batch)
+		}
+		for _, f := range flushes {
+			close(f)
+		}
+	}
+}
+
+// flush returns once every entry queued before the call is written.
+func (lw *logWriter) flush(ctx context.Context) error {
+	done := make(chan struct{})
+	select {
+	case lw.queue <- logEntry{flushed: done}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (lw *logWriter) write(batch []logEntry) {
+	// Retry a failed batch a few times: a disk that is briefly full or a
+	// locked database should not cost rows. Give up after that, counted.
+	var err error
+	for try := range 3 {
+		if err = lw.store.InsertLogs(context.Background(), batch); err == nil {
+			lw.written.Add(uint64(len(batch)))
+			return
+		}
+		time.Sleep(time.Duration(try+1) * 100 * time.Millisecond)
+	}
+	lw.failed.Add(uint64(len(batch)))
+	slog.Error("request log: batch lost", "rows", len(batch), "err", err)
+}
+
+// close stops accepting entries and returns once every queued entry has been
+// written, or ctx ends.
+func (lw *logWriter) close(ctx context.Context) error {
+	lw.closeOnce.Do(func() { close(lw.queue) })
+	select {
+	case <-lw.done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("request log: %d entries not flushed: %w", len(lw.queue), ctx.Err())
+	}
+}
+
+// InsertLogs writes entries in one transaction.
+func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	stmt, err := tx.PrepareContext(ctx, `INSERT INTO logs (time, token, protocol, model, upstream_model,
+		channel_id, channel_name, key_index, attempts, status, duration_ms, first_byte_ms, stream,
+		input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+	if err != nil {
+		return err
+	}
+	defer stmt.Close()
+	for i := range entries {
+		e := &entries[i]
+		if _, err := stmt.ExecContext(ctx, e.Time.UnixMilli(), e.Token, e.Protocol, e.Model, e.UpstreamModel,
+			e.ChannelID, e.ChannelName, e.KeyIndex, e.Attempts, e.Status, e.DurationMS, e.FirstByteMS, e.Stream,
+			e.InputTokens, e.OutputTokens, e.CacheRead, e.CacheWrite, e.ClientIP, e.Error); err != nil {
+			return fmt.Errorf("insert log: %w", err)
+		}
+	}
+	return tx.Commit()
+}
+
+// logFilter selects rows of the request log.
+type logFilter struct {
+	ChannelID int64
+	Model     string
+	Status    int // exact status; see StatusClass
+	// StatusClass is 2, 4 or 5 for 2xx/4xx/5xx, or -1 for "not 2xx".
+	StatusClass int
+	Since       time.Time
+	Until       time.Time
+	BeforeID    int64
+	Limit       int
+}
+
+// QueryLogs returns rows matching f, newest first, and how many match in all.
+func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, error) {
+	where, args := "WHERE 1=1", []any{}
+	if f.ChannelID != 0 {
+		where += " AND channel_id = ?"
+		args = append(args, f.ChannelID)
+	}
+	if f.Model != "" {
+		where += " AND model = ?"
+		args = append(args, f.Model)
+	}
+	if f.Status != 0 {
+		where += " AND status = ?"
+		args = append(args, f.Status)
+	}
+	switch {
+	case f.StatusClass == -1:
+		where += " AND (status < 200 OR status >= 300)"
+	case f.StatusClass > 0:
+		where += " AND status >= ? AND status < ?"
+		args = append(args, f.StatusClass*100, f.StatusClass*100+100)
+	}
+	if !f.Since.IsZero() {
+		where += " AND time >= ?"
+		args = append(args, f.Since.UnixMilli())
+	}
+	if !f.Until.IsZero() {
+		where += " AND time < ?"
+		args = append(args, f.Until.UnixMilli())
+	}
+	var total int
+	if err := s.rdb.QueryRowContext(ctx, "SELECT count(*) FROM logs "+where, args...).Scan(&total); err != nil {
+		return nil, 0, fmt.Errorf("count logs: %w", err)
+	}
+	pageWhere, pageArgs := where, args
+	if f.BeforeID > 0 {
+		pageWhere += " AND id < ?"
+		pageArgs = append(append([]any{}, args...), f.BeforeID)
+	}
+	limit := f.Limit
+	if limit <= 0 {
+		limit = 50
+	}
+	rows, err := s.rdb.QueryContext(ctx, `SELECT id, time, token, protocol, model, upstream_model, channel_id,
+		channel_name, key_index, attempts, status, duration_ms, first_byte_ms, stream, input_tokens,
+		output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error
+		FROM logs `+pageWhere+` ORDER BY id DESC LIMIT ?`, append(pageArgs, limit)...)
+	if err != nil {
+		return nil, 0, fmt.Errorf("query logs: %w", err)
+	}
+	defer rows.Close()
+	out := []logEntry{}
+	for rows.Next() {
+		var e logEntry
+		var t int64
+		if err := rows.Scan(&e.ID, &t, &e.Token, &e.Protocol, &e.Model, &e.UpstreamModel, &e.ChannelID,
+			&e.ChannelName, &e.KeyIndex, &e.Attempts, &e.Status, &e.DurationMS, &e.FirstByteMS, &e.Stream,
+			&e.InputTokens, &e.OutputTokens, &e.CacheRead, &e.CacheWrite, &e.ClientIP, &e.Error); err != nil {
+			return nil, 0, err
+		}
+		e.Time = time.UnixMilli(t).UTC()
+		out = append(out, e)
+	}
+	return out, total, rows.Err()
+}
+
+// DeleteLogsBefore removes rows older than t in small chunks, so the writer
+// is never locked out for long. It returns how many rows went.
+func (s *Store) DeleteLogsBefore(ctx context.Context, t time.Time) (int64, error) {
+	var total int64
+	for {
+		res, err := s.db.ExecContext(ctx, `DELETE FROM logs WHERE id IN
+			(SELECT id FROM logs WHERE time < ? ORDER BY time LIMIT 5000)`, t.UnixMilli())
+		if err != nil {
+			return total, fmt.Errorf("delete old logs: %w", err)
+		}
+		n, _ := res.RowsAffected()
+		total += n
+		if n < 5000 {
+			return total, nil
+		}
+	}
+}
+
+// retentionLoop deletes log rows older than days, hourly, until ctx ends.
+func retentionLoop(ctx context.Context, s *Store, days int) {
+	tick := time.NewTicker(time.Hour)
+	defer tick.Stop()
+	for {
+		cutoff := s.Now().AddDate(0, 0, -days)
+		if n, err := s.DeleteLogsBefore(ctx, cutoff); err != nil {
+			slog.Error("log retention", "err", err)
+		} else if n > 0 {
+			slog.Info("log retention", "deleted", n, "older_than", cutoff.Format(time.RFC3339))
+		}
+		if err := s.DeleteExpiredSessions(ctx); err != nil {
+			slog.Error("session cleanup", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}

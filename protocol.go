@@ -1,0 +1,551 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+)
+
+// protocol is the API family of a request and of a channel.
+type protocol uint8
+
+const (
+	protoAnthropic protocol = iota + 1
+	protoOpenAI
+	protoGemini
+	protocolCount
+)
+
+func (p protocol) String() string {
+	switch p {
+	case protoAnthropic:
+		return "anthropic"
+	case protoOpenAI:
+		return "openai"
+	case protoGemini:
+		return "gemini"
+	}
+	return "unknown"
+}
+
+// parseChannelType maps a channel_type value to its protocol. "codex" is an
+// alias for openai: Codex speaks the OpenAI Responses API.
+func parseChannelType(s string) (protocol, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", "anthropic", "claude":
+		return protoAnthropic, nil
+	case "openai", "codex":
+		return protoOpenAI, nil
+	case "gemini":
+		return protoGemini, nil
+	}
+	return 0, fmt.Errorf("channel_type %q: want anthropic, openai (or codex) or gemini", s)
+}
+
+// Client credential headers, removed before anything goes upstream.
+var credentialHeaders = []string{"Authorization", "X-Api-Key", "X-Goog-Api-Key"}
+
+// errorType names the kind of an error in each protocol's vocabulary.
+func anthropicErrorType(status int) string {
+	switch status {
+	case 400, 422:
+		return "invalid_request_error"
+	case 401:
+		return "authentication_error"
+	case 402:
+		return "billing_error"
+	case 403:
+		return "permission_error"
+	case 404:
+		return "not_found_error"
+	case 413:
+		return "request_too_large"
+	case 429:
+		return "rate_limit_error"
+	case 503, 529:
+		return "overloaded_error"
+	case 504:
+		return "timeout_error"
+	}
+	return "api_error"
+}
+
+func openAIErrorType(status int) string {
+	switch {
+	case status == 401:
+		return "authentication_error"
+	case status == 403:
+		return "permission_error"
+	case status == 404:
+		return "not_found_error"
+	case status == 429:
+		return "rate_limit_error"
+	case status >= 500:
+		return "server_error"
+	}
+	return "invalid_request_error"
+}
+
+func geminiStatus(status int) string {
+	switch status {
+	case 400, 413, 422:
+		return "INVALID_ARGUMENT"
+	case 401:
+		return "UNAUTHENTICATED"
+	case 403:
+		return "PERMISSION_DENIED"
+	case 404:
+		return "NOT_FOUND"
+	case 429:
+		return "RESOURCE_EXHAUSTED"
+	case 504:
+		return "DEADLINE_EXCEEDED"
+	}
+	return "UNAVAILABLE"
+}
+
+// errorBody is the body of an error response in p's shape.
+func errorBody(p protocol, status int, msg string) []byte {
+	var v any
+	switch p {
+	case protoOpenAI:
+		type e struct {
+			Message string  `json:"message"`
+			Type    string  `json:"type"`
+			Param   *string `json:"param"`
+			Code    *string `json:"code"`
+		}
+		v = struct {
+			Error e `json:"error"`
+		}{e{Message: msg, Type: openAIErrorType(status)}}
+	case protoGemini:
+		type e struct {
+			Code    int    `json:"code"`
+			Message string `json:"message"`
+			Status  string `json:"status"`
+		}
+		v = struct {
+			Error e `json:"error"`
+		}{e{Code: status, Message: msg, Status: geminiStatus(status)}}
+	default:
+		type e struct {
+			Type    string `json:"type"`
+			Message string `json:"message"`
+		}
+		v = struct {
+			Type  string `json:"type"`
+			Error e      `json:"error"`
+		}{"error", e{Type: anthropicErrorType(status), Message: msg}}
+	}
+	b, _ := json.Marshal(v)
+	return b
+}
+
+// writeError answers with an error in the protocol's shape.
+func writeError(w http.ResponseWriter, p protocol, status int, msg string) {
+	b := errorBody(p, status, msg)
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	w.Write(b)
+}
+
+// streamErrorEvent is the SSE event that ends a stream which failed after
+// its headers were sent, so the client sees an error and not a silent EOF.
+func streamErrorEvent(p protocol, responses bool, msg string) []byte {
+	var b bytes.Buffer
+	m, _ := json.Marshal(msg)
+	switch {
+	case p == protoAnthropic:
+		b.WriteString(`event: error` + "\n" + `data: {"type":"error","error":{"type":"api_error","message":`)
+		b.Write(m)
+		b.WriteString("}}\n\n")
+	case p == protoOpenAI && responses:
+		b.WriteString(`event: response.failed` + "\n" +
+			`data: {"type":"response.failed","response":{"object":"response","status":"failed","error":{"code":"server_error","message":`)
+		b.Write(m)
+		b.WriteString("}}}\n\n")
+	case p == protoOpenAI:
+		b.WriteString(`data: {"error":{"message":`)
+		b.Write(m)
+		b.WriteString(`,"type":"server_error","param":null,"code":"stream_interrupted"}}` + "\n\n")
+	default:
+		b.WriteString(`data: {"error":{"code":502,"message":`)
+		b.Write(m)
+		b.WriteString(`,"status":"UNAVAILABLE"}}` + "\n\n")
+	}
+	return b.Bytes()
+}
+
+// bodyInfo is what the proxy needs from a request body.
+type bodyInfo struct {
+	model      string
+	hasModel   bool
+	modelStart int // byte span of the model's JSON string, quotes included
+	modelEnd   int
+	stream     bool
+}
+
+var (
+	errNotObject    = errors.New("the request body must be a JSON object")
+	errModelNotText = errors.New(`"model" must be a string`)
+)
+
+// inspectBody finds the top-level "model" and "stream" members of a JSON
+// object without decoding the rest, so a large conversation costs one scan.
+// body must already be valid JSON.
+func inspectBody(body []byte) (bodyInfo, error) {
+	var info bodyInfo
+	i := skipSpace(body, 0)
+	if i >= len(body) || body[i] != '{' {
+		return info, errNotObject
+	}
+	i++
+	for {
+		i = skipSpace(body, i)
+		if i >= len(body) || body[i] == '}' {
+			return info, nil
+		}
+		if body[i] == ',' {
+			i = skipSpace(body, i+1)
+		}
+		keyStart := i
+		i = skipString(body, i)
+		key := body[keyStart+1 : i-1]
+		if bytes.IndexByte(key, '\\') >= 0 {
+			var k string
+			if json.Unmarshal(body[keyStart:i], &k) == nil {
+				key = []byte(k)
+			}
+		}
+		i = skipSpace(body, i)
+		i = skipSpace(body, i+1) // the colon
+		valStart := i
+		i = skipValue(body, i)
+		switch string(key) {
+		case "model":
+			if body[valStart] != '"' {
+				if string(body[valStart:i]) == "null" {
+					continue
+				}
+				return info, errModelNotText
+			}
+			raw := body[valStart+1 : i-1]
+			if bytes.IndexByte(raw, '\\') >= 0 {
+				var m string
+				if err := json.Unmarshal(body[valStart:i], &m); err != nil {
+					return info, errModelNotText
+				}
+				info.model = m
+			} else {
+				info.model = string(raw)
+			}
+			info.hasModel, info.modelStart, info.modelEnd = true, valStart, i
+		case "stream":
+			info.stream = string(body[valStart:i]) == "true"
+		}
+	}
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) {
+		switch b[i] {
+		case ' ', '\t', '\n', '\r':
+			i++
+		default:
+			return i
+		}
+	}
+	return i
+}
+
+// skipString returns the index after the JSON string starting at b[i] == '"'.
+func skipString(b []byte, i int) int {
+	i++
+	for i < len(b) {
+		j := bytes.IndexAny(b[i:], `"\`)
+		if j < 0 {
+			return len(b)
+		}
+		i += j
+		if b[i] == '\\' {
+			i += 2
+			continue
+		}
+		return i + 1
+	}
+	return i
+}
+
+// skipValue returns the index after the JSON value starting at b[i].
+func skipValue(b []byte, i int) int {
+	if i >= len(b) {
+		return i
+	}
+	switch b[i] {
+	case '"':
+		return skipString(b, i)
+	case '{', '[':
+		depth := 0
+		for i < len(b) {
+			switch b[i] {
+			case '"':
+				i = skipString(b, i)
+				continue
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return i + 1
+				}
+			}
+			i++
+		}
+		return i
+	}
+	for i < len(b) {
+		switch b[i] {
+		case ',', '}', ']', ' ', '\t', '\n', '\r':
+			return i
+		}
+		i++
+	}
+	return i
+}
+
+// withModel returns body with its model value replaced: every other byte
+// stays as the client sent it.
+func withModel(body []byte, info bodyInfo, model string) []byte {
+	q, _ := json.Marshal(model)
+	out := make([]byte, 0, len(body)-(info.modelEnd-info.modelStart)+len(q))
+	out = append(out, body[:info.modelStart]...)
+	out = append(out, q...)
+	return append(out, body[info.modelEnd:]...)
+}
+
+// geminiTarget splits the last path element of /v1beta/models/{model}:{action}.
+func geminiTarget(rest string) (model, action string, ok bool) {
+	i := strings.LastIndexByte(rest, ':')
+	if i <= 0 || i == len(rest)-1 {
+		return "", "", false
+	}
+	return rest[:i], rest[i+1:], true
+}
+
+// usage is the token count of one response.
+type usage struct {
+	Input, Output, CacheRead, CacheWrite int64
+}
+
+type usageFields struct {
+	InputTokens      *int64 `json:"input_tokens"`
+	OutputTokens     *int64 `json:"output_tokens"`
+	CacheCreation    *int64 `json:"cache_creation_input_tokens"`
+	CacheRead        *int64 `json:"cache_read_input_tokens"`
+	PromptTokens     *int64 `json:"prompt_tokens"`
+	CompletionTokens *int64 `json:"completion_tokens"`
+	PromptDetails    *struct {
+		CachedTokens int64 `json:"cached_tokens"`
+	} `json:"prompt_tokens_details"`
+	InputDetails *struct {
+		CachedTokens int64 `json:"cached_tokens"`
+	} `json:"input_tokens_details"`
+}
+
+type geminiUsage struct {
+	PromptTokenCount        int64 `json:"promptTokenCount"`
+	CandidatesTokenCount    int64 `json:"candidatesTokenCount"`
+	CachedContentTokenCount int64 `json:"cachedContentTokenCount"`
+	ThoughtsTokenCount      int64 `json:"thoughtsTokenCount"`
+}
+
+// usageEnvelope covers every place the three protocols put usage: Anthropic
+// message_start (message.usage) and message_delta (usage), OpenAI chat
+// (usage), Responses (response.usage) and Gemini (usageMetadata).
+type usageEnvelope struct {
+	Usage   *usageFields `json:"usage"`
+	Message *struct {
+		Usage *usageFields `json:"usage"`
+	} `json:"message"`
+	Response *struct {
+		Usage *usageFields `json:"usage"`
+	} `json:"response"`
+	UsageMetadata *geminiUsage `json:"usageMetadata"`
+}
+
+var (
+	usageMarker       = []byte(`"usage"`)
+	usageMetaMarker   = []byte(`"usageMetadata"`)
+	errorMarker       = []byte(`"error"`)
+	anthropicErrorTag = []byte(`"type":"error"`)
+)
+
+// absorb updates u from one JSON document (an SSE data payload or a whole
+// response) if it carries usage. Later figures replace earlier ones, which
+// is how the protocols report them (message_delta revises message_start).
+func (u *usage) absorb(data []byte) {
+	if !bytes.Contains(data, usageMarker) && !bytes.Contains(data, usageMetaMarker) {
+		return
+	}
+	var env usageEnvelope
+	if json.Unmarshal(data, &env) != nil {
+		return
+	}
+	u.apply(env)
+}
+
+func (u *usage) apply(env usageEnvelope) {
+	if g := env.UsageMetadata; g != nil {
+		u.Input = g.PromptTokenCount - g.CachedContentTokenCount
+		u.Output = g.CandidatesTokenCount + g.ThoughtsTokenCount
+		u.CacheRead = g.CachedContentTokenCount
+	}
+	f := env.Usage
+	if env.Message != nil && env.Message.Usage != nil {
+		f = env.Message.Usage
+	}
+	if env.Response != nil && env.Response.Usage != nil {
+		f = env.Response.Usage
+	}
+	if f == nil {
+		return
+	}
+	set := func(dst *int64, v *int64) {
+		if v != nil && *v > 0 {
+			*dst = *v
+		}
+	}
+	// Anthropic's input_tokens excludes cache reads; OpenAI's prompt and
+	// input counts include cached tokens. Logged input is the uncached part
+	// in both, so the columns add up the same way for every protocol.
+	var cached int64
+	if f.PromptDetails != nil {
+		cached = f.PromptDetails.CachedTokens
+	}
+	if f.InputDetails != nil {
+		cached = f.InputDetails.CachedTokens
+	}
+	if f.PromptTokens != nil {
+		v := *f.PromptTokens - cached
+		set(&u.Input, &v)
+	} else if f.InputTokens != nil {
+		v := *f.InputTokens
+		if f.InputDetails != nil {
+			v -= cached
+		}
+		set(&u.Input, &v)
+	}
+	set(&u.Output, f.OutputTokens)
+	set(&u.Output, f.CompletionTokens)
+	set(&u.CacheWrite, f.CacheCreation)
+	set(&u.CacheRead, f.CacheRead)
+	if cached > 0 {
+		u.CacheRead = cached
+	}
+}
+
+// statusForErrorType maps the error type an upstream names in a JSON body or
+// SSE error event to the HTTP status it stands for.
+func statusForErrorType(t string) int {
+	switch strings.ToLower(t) {
+	case "overloaded_error", "overloaded", "server_is_overloaded", "unavailable", "service_unavailable":
+		return 529
+	case "rate_limit_error", "rate_limit_exceeded", "resource_exhausted", "insufficient_quota", "too_many_requests":
+		return 429
+	case "authentication_error", "invalid_api_key", "unauthenticated":
+		return 401
+	case "billing_error", "payment_required":
+		return 402
+	case "permission_error", "permission_denied":
+		return 403
+	case "not_found_error", "model_not_found", "not_found":
+		return 404
+	case "invalid_request_error", "invalid_argument", "context_length_exceeded":
+		return 400
+	case "request_too_large":
+		return 413
+	case "timeout_error", "deadline_exceeded":
+		return 504
+	}
+	return 502
+}
+
+// upstreamError is the error an upstream put in a JSON body or SSE event.
+type upstreamError struct {
+	status  int
+	message string
+}
+
+// parseErrorDoc recognises an error document in any of the protocols'
+// shapes: {"type":"error","error":{...}}, {"error":{...}},
+// {"type":"response.failed","response":{"error":{...}}} and
+// {"type":"error","code":...,"message":...}. ok is false for anything else.
+func parseErrorDoc(data []byte) (upstreamError, bool) {
+	if !bytes.Contains(data, errorMarker) && !bytes.Contains(data, anthropicErrorTag) && !bytes.Contains(data, []byte("response.failed")) {
+		return upstreamError{}, false
+	}
+	type detail struct {
+		Type    string          `json:"type"`
+		Code    json.RawMessage `json:"code"`
+		Status  string          `json:"status"`
+		Message string          `json:"message"`
+	}
+	var doc struct {
+		Type     string          `json:"type"`
+		Error    json.RawMessage `json:"error"`
+		Code     json.RawMessage `json:"code"`
+		Message  string          `json:"message"`
+		Response *struct {
+			Error *detail `json:"error"`
+		} `json:"response"`
+	}
+	if json.Unmarshal(data, &doc) != nil {
+		return upstreamError{}, false
+	}
+	var d detail
+	switch {
+	case len(doc.Error) > 0 && doc.Error[0] == '{':
+		if json.Unmarshal(doc.Error, &d) != nil {
+			return upstreamError{}, false
+		}
+	case len(doc.Error) > 0 && doc.Error[0] == '"':
+		json.Unmarshal(doc.Error, &d.Message)
+	case doc.Type == "response.failed" && doc.Response != nil && doc.Response.Error != nil:
+		d = *doc.Response.Error
+	case doc.Type == "error":
+		d = detail{Code: doc.Code, Message: doc.Message}
+	default:
+		return upstreamError{}, false
+	}
+	status := 0
+	var code string
+	if len(d.Code) > 0 {
+		if n, err := strconv.Atoi(string(d.Code)); err == nil && n >= 400 && n < 600 {
+			status = n
+		} else {
+			json.Unmarshal(d.Code, &code)
+		}
+	}
+	if status == 0 {
+		status = statusForErrorType(firstNonEmpty(d.Type, code, d.Status))
+	}
+	if status == 502 && code != "" {
+		status = statusForErrorType(code)
+	}
+	return upstreamError{status: status, message: firstNonEmpty(d.Message, d.Type, code, "upstream error")}, true
+}
+
+func firstNonEmpty(s ...string) string {
+	for _, v := range s {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}

@@ -1,0 +1,968 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// relay is the proxy: it picks channels for each client request and tries
+// them in order until one answers. It is built on httputil.ReverseProxy,
+// whose Transport is the retry loop (see relay.RoundTrip) and whose
+// ErrorHandler speaks the protocol's error shape when every channel failed.
+type relay struct {
+	sel      *selector
+	cool     *cooldowns
+	logs     *logWriter
+	metrics  *metrics
+	auth     *clientAuth
+	upstream http.RoundTripper // the real transport to the channels
+
+	// FirstByteTimeout bounds, for a stream, the wait from sending the
+	// request to the first content event.
+	FirstByteTimeout time.Duration
+	// ResponseTimeout bounds, for a non-stream request, the wait for the
+	// response to begin: the whole answer is generated before it does.
+	ResponseTimeout time.Duration
+	MaxBody         int64
+	Now             func() time.Time
+
+	proxy    *httputil.ReverseProxy
+	inflight sync.WaitGroup // proxied requests not yet logged
+}
+
+const (
+	defaultResponseTimeout = 10 * time.Minute
+	maxErrorBody           = 64 << 10 // error bodies kept to classify and to replay
+)
+
+var (
+	errClientGone       = errors.New("client went away")
+	errFirstByteTimeout = errors.New("first byte timeout")
+)
+
+// newUpstreamTransport is the transport to channels. Timeouts sit on the
+// transport, never on a client or server, which would cut long streams.
+func newUpstreamTransport() *http.Transport {
+	return &http.Transport{
+		Proxy: http.ProxyFromEnvironment,
+		DialContext: (&net.Dialer{
+			Timeout:   10 * time.Second,
+			KeepAlive: 30 * time.Second,
+		}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          0, // no global limit; per host below
+		MaxIdleConnsPerHost:   512,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+	}
+}
+
+func newRelay(sel *selector, cool *cooldowns, logs *logWriter, m *metrics, auth *clientAuth, upstream http.RoundTripper) *relay {
+	rl := &relay{
+		sel: sel, cool: cool, logs: logs, metrics: m, auth: auth, upstream: upstream,
+		FirstByteTimeout: 60 * time.Second,
+		ResponseTimeout:  defaultResponseTimeout,
+		MaxBody:          32 << 20,
+		Now:              time.Now,
+	}
+	rl.proxy = &httputil.ReverseProxy{
+		Rewrite:      rl.rewrite,
+		Transport:    rl,
+		ErrorHandler: rl.proxyError,
+		BufferPool:   copyBuffers{},
+		ErrorLog:     slog.NewLogLogger(slog.Default().Handler(), slog.LevelWarn),
+	}
+	return rl
+}
+
+// copyBuffers lends ReverseProxy its copy buffers. Events are small; 16 KiB
+// keeps the memory of many open streams down without costing throughput.
+type copyBuffers struct{}
+
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
+
+func (copyBuffers) Get() []byte  { return *copyBufPool.Get().(*[]byte) }
+func (copyBuffers) Put(b []byte) { copyBufPool.Put(&b) }
+
+// exchange is the state of one client request, from arrival to log row.
+type exchange struct {
+	start     time.Time
+	proto     protocol
+	responses bool // the OpenAI Responses API (Codex)
+	token     string
+	clientIP  string
+	model     string
+	info      bodyInfo
+	body      []byte
+	stream    bool
+	gemAction string // gemini: the action after the model in the path
+
+	plan    plan
+	planBuf [8]*channelEntry
+	keyBuf  [8]int
+
+	// Outcome.
+	attempts      int
+	entry         *channelEntry // channel of the last attempt
+	keyIndex      int
+	upstreamModel string
+	status        int
+	firstByte     time.Duration
+	usage         usage
+	errText       string
+	committed     bool // a response went to the client
+	logged        bool
+}
+
+type exchangeKey struct{}
+
+func exchangeFrom(ctx context.Context) *exchange {
+	x, _ := ctx.Value(exchangeKey{}).(*exchange)
+	return x
+}
+
+// handle returns the handler for one protocol's proxied paths.
+func (rl *relay) handle(p protocol) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rl.serve(p, w, r)
+	})
+}
+
+func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
+	x := &exchange{start: rl.Now(), proto: p, keyIndex: -1, clientIP: clientIP(r)}
+	rl.inflight.Add(1)
+	// Deferred so that the row is written even when ReverseProxy aborts the
+	// handler with http.ErrAbortHandler (the client went away mid-stream).
+	defer rl.finish(x)
+
+	name, ok := rl.auth.identify(r, p)
+	if !ok {
+		rl.reject(w, x, http.StatusUnauthorized, rl.auth.denyMessage(r))
+		return
+	}
+	x.token = name
+	x.responses = strings.HasPrefix(r.URL.Path, "/v1/responses")
+
+	body, err := readBody(w, r, rl.MaxBody)
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			rl.reject(w, x, http.StatusRequestEntityTooLarge,
+				fmt.Sprintf("request body is larger than the %s limit (CCLOAD_MAX_BODY)", formatBytes(tooBig.Limit)))
+			return
+		}
+		rl.reject(w, x, http.StatusBadRequest, "could not read the request body: "+err.Error())
+		return
+	}
+	x.body = body
+
+	if p == protoGemini {
+		model, action, ok := geminiTarget(r.PathValue("target"))
+		if !ok {
+			rl.reject(w, x, http.StatusBadRequest, "path must be /v1beta/models/{model}:{action}")
+			return
+		}
+		x.model, x.gemAction = model, action
+		x.stream = strings.HasPrefix(action, "stream")
+	}
+	if len(body) == 0 && p != protoGemini {
+		rl.reject(w, x, http.StatusBadRequest, "request body is empty: send a JSON object with a \"model\"")
+		return
+	}
+	if len(body) > 0 {
+		if !json.Valid(body) {
+			rl.reject(w, x, http.StatusBadRequest, "request body is not valid JSON: "+jsonSyntaxError(body))
+			return
+		}
+		info, err := inspectBody(body)
+		if err != nil {
+			rl.reject(w, x, http.StatusBadRequest, err.Error())
+			return
+		}
+		x.info = info
+		if p != protoGemini {
+			x.model, x.stream = info.model, info.stream
+		}
+	}
+	if x.model == "" {
+		rl.reject(w, x, http.StatusBadRequest, `request body has no "model": say which model to use`)
+		return
+	}
+
+	snap := rl.sel.current()
+	rt := snap.route(p, x.model)
+	if rt == nil {
+		rl.reject(w, x, http.StatusNotFound, fmt.Sprintf("no enabled %s channel serves model %q", p, x.model))
+		return
+	}
+	x.plan = rt.makePlan(x.model, rl.Now().UnixNano(), x.planBuf[:0])
+	rl.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x)))
+}
+
+// reject answers a request that never reached an upstream.
+func (rl *relay) reject(w http.ResponseWriter, x *exchange, status int, msg string) {
+	x.status, x.errText = status, msg
+	writeError(w, x.proto, status, msg)
+}
+
+// readBody reads the whole request body, refusing more than limit bytes. The
+// proxy needs all of it: to find the model, and to send it again on retry.
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
+	if r.ContentLength > limit {
+		return nil, &http.MaxBytesError{Limit: limit}
+	}
+	rd := http.MaxBytesReader(w, r.Body, limit)
+	if r.ContentLength >= 0 {
+		b := make([]byte, r.ContentLength)
+		if _, err := io.ReadFull(rd, b); err != nil {
+			return nil, err
+		}
+		// Expect EOF: a body longer than its Content-Length is an error the
+		// server reports, not data to forward.
+		return b, nil
+	}
+	return io.ReadAll(rd)
+}
+
+func jsonSyntaxError(body []byte) string {
+	var v any
+	err := json.Unmarshal(body, &v)
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		return fmt.Sprintf("%s (at byte %d)", se.Error(), se.Offset)
+	}
+	if err != nil {
+		return err.Error()
+	}
+	return "unknown error"
+}
+
+// rewrite prepares the outbound request once; each attempt then sets its
+// own destination and key (see prepare). The client's credentials never go
+// upstream. Accept-Encoding is left to the transport, which decodes what it
+// asks for, so the relay can read events and usage from every response.
+func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
+	h := pr.Out.Header
+	for _, k := range credentialHeaders {
+		delete(h, k)
+	}
+	delete(h, "Accept-Encoding")
+	if q := pr.Out.URL.RawQuery; q != "" && strings.Contains(q, "key=") {
+		v := pr.Out.URL.Query()
+		v.Del("key")
+		pr.Out.URL.RawQuery = v.Encode()
+	}
+}
+
+// prepare points req at channel e with key k and gives it a fresh body.
+func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int) {
+	x.upstreamModel = e.upstreamModel(x.model)
+	body := x.body
+	path := req.URL.Path
+	if x.upstreamModel != x.model {
+		if x.proto == protoGemini {
+			path = "/v1beta/models/" + x.upstreamModel + ":" + x.gemAction
+		} else {
+			body = withModel(body, x.info, x.upstreamModel)
+		}
+	}
+	u := req.URL
+	u.Scheme, u.Host = e.base.Scheme, e.base.Host
+	u.Path, u.RawPath = e.base.Path+path, ""
+	req.Host = ""
+	if len(body) > 0 {
+		req.Body = newBodyReader(body)
+		req.GetBody = func() (io.ReadCloser, error) { return newBodyReader(body), nil }
+	} else {
+		req.Body, req.GetBody = nil, nil
+	}
+	req.ContentLength = int64(len(body))
+
+	h := req.Header
+	switch e.proto {
+	case protoAnthropic:
+		h["X-Api-Key"] = e.keyValue[k]
+		if e.official {
+			delete(h, "Authorization")
+		} else {
+			h["Authorization"] = e.bearerValue[k]
+		}
+	case protoOpenAI:
+		h["Authorization"] = e.bearerValue[k]
+	case protoGemini:
+		h["X-Goog-Api-Key"] = e.keyValue[k]
+	}
+}
+
+type bodyReader struct{ bytes.Reader }
+
+func (*bodyReader) Close() error { return nil }
+
+func newBodyReader(b []byte) *bodyReader {
+	r := &bodyReader{}
+	r.Reset(b)
+	return r
+}
+
+// RoundTrip is the retry loop. It tries the planned channels, and inside a
+// channel its keys, until one gives a response the client should see. A
+// response goes back only when it is a success or the client's own error;
+// everything else cools what failed and moves on. It never retries once the
+// response has begun: by then the client has seen headers.
+func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
+	x := exchangeFrom(out.Context())
+	if x == nil {
+		return nil, errors.New("ccload: request without exchange state")
+	}
+	var last *http.Response // the last upstream error response, buffered
+	defer func() {
+		if last != nil {
+			last.Body.Close()
+		}
+	}()
+	order := x.plan.order
+	tried := 0
+	for i := 0; ; i++ {
+		var e *channelEntry
+		switch {
+		case i < len(order):
+			e = order[i]
+		case i == len(order) && x.plan.lastResort != nil:
+			e = x.plan.lastResort
+		default:
+			if last != nil {
+				res := last
+				last = nil
+				x.status = res.StatusCode
+				return res, nil
+			}
+			return nil, &exhaustedError{x: x, tried: tried, free: rl.firstFree(x)}
+		}
+		tried++
+		res, err := rl.tryChannel(out, x, e, &last)
+		if err != nil || res != nil {
+			return res, err
+		}
+	}
+}
+
+// tryChannel tries e's keys in order. It returns a response for the client,
+// or nil to go on to the next channel.
+func (rl *relay) tryChannel(out *http.Request, x *exchange, e *channelEntry, last **http.Response) (*http.Response, error) {
+	keys := e.keyOrder(rl.Now().UnixNano(), x.keyBuf[:0])
+	for _, k := range keys {
+		res, v, err := rl.attempt(out, x, e, k)
+		if err != nil {
+			return nil, err
+		}
+		if v.scope == scopeNone {
+			return res, nil
+		}
+		rl.cool.fail(e.health, k, x.model, v)
+		rl.metrics.cooled(v.scope)
+		x.errText = fmt.Sprintf("%s: %s", e.ch.Name, v.reason)
+		if res != nil {
+			if *last != nil {
+				(*last).Body.Close()
+			}
+			*last = res
+		}
+		if v.scope != scopeKey {
+			return nil, nil
+		}
+	}
+	return nil, nil
+}
+
+// attempt sends the request to e with key k once. It returns the response
+// to hand back (success, or a failure whose body was buffered for a possible
+// last answer), the verdict, or errClientGone.
+func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int) (*http.Response, verdict, error) {
+	x.attempts++
+	x.entry, x.keyIndex = e, k
+	rl.metrics.attempt()
+	ctx := out.Context()
+	actx, cancel := context.WithCancelCause(ctx)
+	wait := rl.ResponseTimeout
+	if x.stream {
+		wait = rl.FirstByteTimeout
+	}
+	timer := time.AfterFunc(wait, func() { cancel(errFirstByteTimeout) })
+	stop := func() { timer.Stop(); cancel(nil) }
+
+	req := out.WithContext(actx)
+	rl.prepare(req, x, e, k)
+	res, err := rl.upstream.RoundTrip(req)
+	if err != nil {
+		stop()
+		if ctx.Err() != nil {
+			return nil, verdict{}, errClientGone
+		}
+		if context.Cause(actx) == errFirstByteTimeout {
+			return nil, verdict{scope: scopeChannel, base: transientBase, status: http.StatusGatewayTimeout,
+				reason: fmt.Sprintf("no response within %s", wait)}, nil
+		}
+		return nil, verdict{scope: scopeChannel, base: transientBase, status: http.StatusBadGateway,
+			reason: "request failed: " + shortError(err)}, nil
+	}
+
+	if res.StatusCode >= 200 && res.StatusCode < 300 {
+		return rl.accept(ctx, actx, res, x, e, k, timer, stop)
+	}
+
+	v := classifyStatus(res.StatusCode)
+	if v.scope == scopeNone {
+		// The client's own error: it goes back as is, nothing cools.
+		timer.Stop()
+		rl.commit(x, e, k, res.StatusCode, false)
+		res.Body = &plainBody{src: res.Body, keepTail: true, wantError: true,
+			onClose: func(end streamEnd) { rl.settle(x, e, k, end); stop() }}
+		return res, v, nil
+	}
+	body, rerr := io.ReadAll(io.LimitReader(res.Body, maxErrorBody))
+	res.Body.Close()
+	stop()
+	if rerr != nil && ctx.Err() != nil {
+		return nil, verdict{}, errClientGone
+	}
+	ue, isDoc := parseErrorDoc(body)
+	if res.StatusCode == http.StatusNotFound {
+		if isDoc {
+			v = verdict{scope: scopeModel, base: persistentBase, reason: "model not found"}
+		} else {
+			v = verdict{scope: scopeChannel, base: transientBase, reason: "404 without an API error body (wrong URL or broken relay?)"}
+		}
+	}
+	v.status = res.StatusCode
+	v.wait = retryAfter(res.Header, rl.Now())
+	if isDoc && ue.message != "" {
+		v.reason = fmt.Sprintf("%d %s", res.StatusCode, truncate(ue.message, 160))
+	} else if v.reason == "" {
+		v.reason = fmt.Sprintf("%d %s", res.StatusCode, http.StatusText(res.StatusCode))
+	}
+	return bufferedResponse(res, body), v, nil
+}
+
+// accept checks a 2xx response before the client sees it: a stream must
+// bring a content event in time, and a body must be neither empty, HTML nor
+// an error document. Bad ones are failures like any other.
+func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchange, e *channelEntry, k int,
+	timer *time.Timer, stop func()) (*http.Response, verdict, error) {
+	broken := func(status int, reason string) (*http.Response, verdict, error) {
+		res.Body.Close()
+		stop()
+		if ctx.Err() != nil {
+			return nil, verdict{}, errClientGone
+		}
+		return nil, verdict{scope: scopeChannel, base: transientBase, status: status, reason: reason}, nil
+	}
+	ct, _, _ := mime.ParseMediaType(res.Header.Get("Content-Type"))
+	if ct == "text/event-stream" {
+		sb := &sseBody{src: res.Body, scan: sseScanner{proto: x.proto}, responses: x.responses,
+			clientGone: func() bool { return ctx.Err() != nil }}
+		ue, err := sb.waitFirst()
+		if err != nil {
+			if context.Cause(actx) == errFirstByteTimeout {
+				return broken(http.StatusGatewayTimeout, fmt.Sprintf("no first event within %s", rl.FirstByteTimeout))
+			}
+			if errors.Is(err, io.EOF) {
+				return broken(http.StatusBadGateway, "stream ended before any content")
+			}
+			return broken(http.StatusBadGateway, "stream failed before any content: "+shortError(err))
+		}
+		if ue != nil {
+			sb.Close()
+			stop()
+			return rl.badOK(x, e, k, res, ue, sb.scan.earlyData)
+		}
+		timer.Stop()
+		rl.commit(x, e, k, res.StatusCode, true)
+		sb.onClose = func(end streamEnd) { rl.settle(x, e, k, end); stop() }
+		res.Body = sb
+		return res, verdict{}, nil
+	}
+
+	head := make([]byte, 512)
+	n, err := readSome(res.Body, head)
+	head = head[:n]
+	if err != nil && !errors.Is(err, io.EOF) {
+		if context.Cause(actx) == errFirstByteTimeout {
+			return broken(http.StatusGatewayTimeout, fmt.Sprintf("no response body within %s", rl.ResponseTimeout))
+		}
+		return broken(http.StatusBadGateway, "response body failed: "+shortError(err))
+	}
+	var rest io.ReadCloser = res.Body
+	trimmed := bytes.TrimLeft(head, " \t\r\n")
+	switch {
+	case n == 0 && res.StatusCode == http.StatusOK:
+		return broken(http.StatusBadGateway, "empty response body")
+	case ct == "text/html" || bytes.HasPrefix(trimmed, []byte("<")):
+		return broken(http.StatusBadGateway, "HTML page instead of an API response")
+	case bytes.HasPrefix(trimmed, []byte(`{"error"`)) || bytes.HasPrefix(trimmed, []byte(`{"type":"error"`)):
+		more, _ := io.ReadAll(io.LimitReader(res.Body, maxErrorBody))
+		res.Body.Close()
+		doc := append(head, more...)
+		if ue, ok := parseErrorDoc(doc); ok {
+			stop()
+			return rl.badOK(x, e, k, res, &ue, doc)
+		}
+		// Not an error after all: relay what was read.
+		head, rest = doc, http.NoBody
+	case errors.Is(err, io.EOF):
+		res.Body.Close()
+		rest = http.NoBody
+	}
+	timer.Stop()
+	rl.commit(x, e, k, res.StatusCode, true)
+	res.Body = &plainBody{src: rest, head: head, keepTail: true,
+		onClose: func(end streamEnd) { rl.settle(x, e, k, end); stop() }}
+	return res, verdict{}, nil
+}
+
+// badOK turns a 200 that carried an error into the failure it stands for.
+// The client sees nothing of it unless it is the last answer, and then as a
+// plain error response with the status the error names.
+func (rl *relay) badOK(x *exchange, e *channelEntry, k int, res *http.Response, ue *upstreamError, doc []byte) (*http.Response, verdict, error) {
+	v := classifyStatus(ue.status)
+	v.status = ue.status
+	v.reason = "error in a 200 response: " + truncate(ue.message, 160)
+	if ue.status == http.StatusNotFound {
+		v.scope, v.base = scopeModel, persistentBase
+	}
+	synth := bufferedResponse(&http.Response{
+		Status:     fmt.Sprintf("%d %s", ue.status, http.StatusText(ue.status)),
+		StatusCode: ue.status, Proto: res.Proto, ProtoMajor: res.ProtoMajor, ProtoMinor: res.ProtoMinor,
+		Header:  http.Header{"Content-Type": {"application/json"}},
+		Request: res.Request,
+	}, doc)
+	if v.scope == scopeNone {
+		// The client's own error, delivered in a 200: give it back properly.
+		rl.commit(x, e, k, synth.StatusCode, false)
+		x.errText = v.reason
+		synth.Body = &plainBody{src: synth.Body, onClose: func(end streamEnd) { rl.settle(x, e, k, end) }}
+	}
+	return synth, v, nil
+}
+
+// commit records that this attempt's response goes to the client. A
+// success clears what it disproves at once, so other requests may use the
+// channel again even while this one streams.
+func (rl *relay) commit(x *exchange, e *channelEntry, k int, status int, ok bool) {
+	x.status = status
+	x.firstByte = rl.Now().Sub(x.start)
+	x.entry, x.keyIndex = e, k
+	x.errText = ""
+	x.committed = true
+	if ok {
+		rl.cool.succeed(e.health, k, x.model)
+		if x.stream {
+			rl.metrics.streamOpened()
+		}
+	}
+}
+
+// settle records how a relayed body ended: usage, and a failure after the
+// headers went out, which cools the channel like any other.
+func (rl *relay) settle(x *exchange, e *channelEntry, k int, end streamEnd) {
+	ok := x.status >= 200 && x.status < 300
+	if x.stream && ok {
+		rl.metrics.streamClosed()
+	}
+	x.usage = end.usage
+	if end.message != "" && x.errText == "" {
+		x.errText = truncate(end.message, 200)
+	}
+	switch {
+	case errors.Is(end.err, errClientClosed) || errors.Is(end.err, context.Canceled):
+		x.status, x.errText = 499, "client disconnected"
+	case end.err != nil:
+		x.status, x.errText = http.StatusBadGateway, "upstream failed mid-response: "+shortError(end.err)
+		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, base: transientBase, status: x.status, reason: "cut mid-stream"})
+	case end.incomplete:
+		x.status, x.errText = http.StatusBadGateway, "upstream closed the stream before it finished"
+		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, base: transientBase, status: x.status, reason: "stream ended early"})
+	case end.lateErr != nil:
+		v := classifyStatus(end.lateErr.status)
+		if v.scope == scopeNone {
+			v = verdict{scope: scopeChannel, base: transientBase}
+		}
+		v.status, v.reason = end.lateErr.status, "error event mid-stream: "+truncate(end.lateErr.message, 160)
+		x.status, x.errText = end.lateErr.status, v.reason
+		rl.cool.fail(e.health, k, x.model, v)
+	}
+}
+
+// classifyStatus maps an upstream status to what it blames (the failure
+// table of SPEC §3). 404 is refined by its body in attempt.
+func classifyStatus(status int) verdict {
+	switch {
+	case status == 401 || status == 402 || status == 403:
+		return verdict{scope: scopeKey, base: persistentBase}
+	case status == 429:
+		return verdict{scope: scopeKey, base: transientBase}
+	case status == 404:
+		return verdict{scope: scopeChannel, base: transientBase}
+	case status == 408 || status >= 500:
+		return verdict{scope: scopeChannel, base: transientBase}
+	}
+	return verdict{scope: scopeNone}
+}
+
+// retryAfter reads the upstream's own reset time: Retry-After (seconds or a
+// date), retry-after-ms, OpenAI's x-ratelimit-reset-* durations and
+// Anthropic's anthropic-ratelimit-*-reset times. 0 when none is given.
+func retryAfter(h http.Header, now time.Time) time.Duration {
+	if v := h.Get("Retry-After-Ms"); v != "" {
+		if ms, err := strconv.ParseFloat(v, 64); err == nil && ms > 0 {
+			return time.Duration(ms * float64(time.Millisecond))
+		}
+	}
+	if v := h.Get("Retry-After"); v != "" {
+		if s, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && s > 0 {
+			return time.Duration(s) * time.Second
+		}
+		if t, err := http.ParseTime(v); err == nil && t.After(now) {
+			return t.Sub(now)
+		}
+	}
+	var d time.Duration
+	for name, vs := range h {
+		lower := strings.ToLower(name)
+		switch {
+		case strings.HasPrefix(lower, "x-ratelimit-reset"):
+			if v, err := time.ParseDuration(vs[0]); err == nil {
+				d = max(d, v)
+			}
+		case strings.HasPrefix(lower, "anthropic-ratelimit-") && strings.HasSuffix(lower, "-reset"):
+			if t, err := time.Parse(time.RFC3339, vs[0]); err == nil && t.After(now) {
+				d = max(d, t.Sub(now))
+			}
+		}
+	}
+	return d
+}
+
+// bufferedResponse gives res a body that was already read in full.
+func bufferedResponse(res *http.Response, body []byte) *http.Response {
+	res.Body = io.NopCloser(bytes.NewReader(body))
+	res.ContentLength = int64(len(body))
+	res.TransferEncoding = nil
+	res.Uncompressed = false
+	res.Header.Set("Content-Length", strconv.Itoa(len(body)))
+	res.Header.Del("Content-Encoding")
+	return res
+}
+
+func readSome(r io.Reader, p []byte) (int, error) {
+	for {
+		n, err := r.Read(p)
+		if n > 0 || err != nil {
+			return n, err
+		}
+	}
+}
+
+// exhaustedError is the answer when no channel gave one.
+type exhaustedError struct {
+	x     *exchange
+	tried int
+	free  int64 // UnixNano when the first channel frees; 0 if none is cooling
+}
+
+func (e *exhaustedError) Error() string {
+	msg := fmt.Sprintf("no channel could serve model %q: tried %d of %d", e.x.model, e.tried, e.x.plan.total)
+	if e.x.errText != "" {
+		msg += "; last error: " + e.x.errText
+	}
+	if e.free > 0 {
+		msg += "; first channel frees at " + time.Unix(0, e.free).UTC().Format(time.RFC3339)
+	}
+	return msg
+}
+
+func (rl *relay) firstFree(x *exchange) int64 {
+	snap := rl.sel.current()
+	rt := snap.route(x.proto, x.model)
+	if rt == nil {
+		return 0
+	}
+	now := rl.Now().UnixNano()
+	var soonest int64
+	for _, t := range rt.tiers {
+		for _, e := range t.entries {
+			if u := e.health.blockedUntil(x.model, now); u > 0 && (soonest == 0 || u < soonest) {
+				soonest = u
+			}
+		}
+	}
+	return soonest
+}
+
+// proxyError answers when RoundTrip returned no response.
+func (rl *relay) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	x := exchangeFrom(r.Context())
+	if x == nil {
+		http.Error(w, "proxy error", http.StatusBadGateway)
+		return
+	}
+	if errors.Is(err, errClientGone) || r.Context().Err() != nil {
+		x.status, x.errText = 499, "client disconnected"
+		return
+	}
+	var ex *exhaustedError
+	if errors.As(err, &ex) {
+		x.status = http.StatusServiceUnavailable
+		if ex.free > 0 {
+			secs := int64(time.Until(time.Unix(0, ex.free)).Seconds()) + 1
+			w.Header().Set("Retry-After", strconv.FormatInt(max(secs, 1), 10))
+		}
+		msg := ex.Error()
+		x.errText = msg
+		writeError(w, x.proto, http.StatusServiceUnavailable, msg)
+		return
+	}
+	x.status, x.errText = http.StatusBadGateway, err.Error()
+	writeError(w, x.proto, http.StatusBadGateway, err.Error())
+}
+
+// finish writes the log row and the metrics of one request.
+func (rl *relay) finish(x *exchange) {
+	defer rl.inflight.Done()
+	if x.logged {
+		return
+	}
+	x.logged = true
+	if x.status == 0 {
+		// The handler was aborted before any outcome was set.
+		x.status, x.errText = 499, "client disconnected"
+	}
+	dur := rl.Now().Sub(x.start)
+	e := logEntry{
+		Time:          x.start,
+		Token:         x.token,
+		Protocol:      x.proto.String(),
+		Model:         x.model,
+		UpstreamModel: x.upstreamModel,
+		KeyIndex:      x.keyIndex,
+		Attempts:      x.attempts,
+		Status:        x.status,
+		DurationMS:    dur.Milliseconds(),
+		FirstByteMS:   x.firstByte.Milliseconds(),
+		Stream:        x.stream,
+		InputTokens:   x.usage.Input,
+		OutputTokens:  x.usage.Output,
+		CacheRead:     x.usage.CacheRead,
+		CacheWrite:    x.usage.CacheWrite,
+		ClientIP:      x.clientIP,
+		Error:         truncate(x.errText, 300),
+	}
+	if x.entry != nil {
+		e.ChannelID, e.ChannelName = x.entry.ch.ID, x.entry.ch.Name
+	}
+	rl.metrics.request(&e, dur)
+	rl.logs.add(e)
+}
+
+// clientIP is the address the request came from, for the log. Behind a
+// local reverse proxy that is the proxy, so its X-Forwarded-For (last hop)
+// is used instead; from anyone else the header is not trusted.
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		host = r.RemoteAddr
+	}
+	if addr, err := netip.ParseAddr(host); err == nil && (addr.IsLoopback() || addr.IsPrivate()) {
+		if xff := r.Header.Get("X-Forwarded-For"); xff != "" {
+			if i := strings.LastIndexByte(xff, ','); i >= 0 {
+				xff = xff[i+1:]
+			}
+			return strings.TrimSpace(xff)
+		}
+	}
+	return host
+}
+
+func shortError(err error) string {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	return truncate(err.Error(), 200)
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	// Cut on a rune boundary.
+	for n > 0 && n < len(s) && s[n]&0xC0 == 0x80 {
+		n--
+	}
+	return s[:n] + "…"
+}
+
+func formatBytes(n int64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return fmt.Sprintf("%dGiB", n>>30)
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%dMiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%dKiB", n>>10)
+	}
+	return fmt.Sprintf("%d bytes", n)
+}
+
+// clientAuth checks the proxy's client tokens (CCLOAD_AUTH).
+type clientAuth struct {
+	tokens []clientToken
+}
+
+type clientToken struct {
+	name   string
+	digest [32]byte
+}
+
+// newClientAuth parses "name:token" or bare "token" entries. A bare token is
+// named by a short hash, so logs can tell clients apart without holding it.
+func newClientAuth(entries []string) *clientAuth {
+	a := &clientAuth{}
+	for _, raw := range entries {
+		raw = strings.TrimSpace(raw)
+		if raw == "" {
+			continue
+		}
+		name, tok, ok := strings.Cut(raw, ":")
+		if !ok || name == "" || tok == "" {
+			name, tok = "", raw
+		}
+		d := sha256.Sum256([]byte(tok))
+		if name == "" {
+			name = "tok-" + hex.EncodeToString(d[:4])
+		}
+		a.tokens = append(a.tokens, clientToken{name: name, digest: d})
+	}
+	return a
+}
+
+func (a *clientAuth) open() bool { return len(a.tokens) == 0 }
+
+// identify returns the client's token name, or ok=false. Without tokens the
+// proxy serves loopback clients only.
+func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
+	if a.open() {
+		return "local", isLoopback(r)
+	}
+	tok := presentedToken(r, p)
+	if tok == "" {
+		return "", false
+	}
+	d := sha256.Sum256([]byte(tok))
+	name := ""
+	// Compare against every token, always: the time taken says nothing
+	// about which one (if any) matched.
+	for i := range a.tokens {
+		if subtle.ConstantTimeCompare(d[:], a.tokens[i].digest[:]) == 1 {
+			name = a.tokens[i].name
+		}
+	}
+	return name, name != ""
+}
+
+func (a *clientAuth) denyMessage(r *http.Request) string {
+	if a.open() {
+		return "ccload serves only loopback clients until client tokens are set (CCLOAD_AUTH)"
+	}
+	return "missing or invalid client token: send Authorization: Bearer <token> or x-api-key"
+}
+
+func presentedToken(r *http.Request, p protocol) string {
+	if v := r.Header.Get("Authorization"); len(v) > 7 && strings.EqualFold(v[:7], "bearer ") {
+		return strings.TrimSpace(v[7:])
+	}
+	if v := r.Header.Get("X-Api-Key"); v != "" {
+		return v
+	}
+	if p == protoGemini {
+		if v := r.Header.Get("X-Goog-Api-Key"); v != "" {
+			return v
+		}
+		return r.URL.Query().Get("key")
+	}
+	return ""
+}
+
+func isLoopback(r *http.Request) bool {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return false
+	}
+	addr, err := netip.ParseAddr(host)
+	return err == nil && addr.Unmap().IsLoopback()
+}
+
+// handleModels answers GET /v1/models from the configuration: Anthropic's
+// shape when the client sent anthropic-version, OpenAI's otherwise.
+func (rl *relay) handleModels() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		anthropic := r.Header.Get("Anthropic-Version") != ""
+		p := protoOpenAI
+		if anthropic {
+			p = protoAnthropic
+		}
+		if _, ok := rl.auth.identify(r, p); !ok {
+			writeError(w, p, http.StatusUnauthorized, rl.auth.denyMessage(r))
+			return
+		}
+		models := rl.sel.current().routes[p].models
+		w.Header().Set("Content-Type", "application/json")
+		if anthropic {
+			type model struct {
+				Type        string `json:"type"`
+				ID          string `json:"id"`
+				DisplayName string `json:"display_name"`
+				CreatedAt   string `json:"created_at"`
+			}
+			data := make([]model, 0, len(models))
+			for _, m := range models {
+				data = append(data, model{Type: "model", ID: m, DisplayName: m, CreatedAt: "1970-01-01T00:00:00Z"})
+			}
+			resp := map[string]any{"data": data, "has_more": false, "first_id": nil, "last_id": nil}
+			if len(models) > 0 {
+				resp["first_id"], resp["last_id"] = models[0], models[len(models)-1]
+			}
+			json.NewEncoder(w).Encode(resp)
+			return
+		}
+		type model struct {
+			ID      string `json:"id"`
+			Object  string `json:"object"`
+			Created int64  `json:"created"`
+			OwnedBy string `json:"owned_by"`
+		}
+		data := make([]model, 0, len(models))
+		for _, m := range models {
+			data = append(data, model{ID: m, Object: "model", OwnedBy: "ccload"})
+		}
+		json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": data})
+	})
+}

@@ -1,0 +1,70 @@
+-- The schema, in numbered steps. Each block below a version marker runs
+-- once, in order, when PRAGMA user_version is below its number; add a new
+-- block for every change. Times are Unix milliseconds.
+
+-- version 1
+CREATE TABLE channels (
+	id              INTEGER PRIMARY KEY,
+	name            TEXT NOT NULL COLLATE NOCASE UNIQUE,
+	url             TEXT NOT NULL,
+	api_keys        TEXT NOT NULL DEFAULT '[]',  -- JSON array of full keys
+	channel_type    TEXT NOT NULL DEFAULT 'anthropic',
+	priority        INTEGER NOT NULL DEFAULT 0,
+	models          TEXT NOT NULL DEFAULT '[]',  -- JSON array
+	model_redirects TEXT NOT NULL DEFAULT '{}',  -- JSON object
+	key_strategy    TEXT NOT NULL DEFAULT 'sequential',
+	enabled         INTEGER NOT NULL DEFAULT 1,
+	created_at      INTEGER NOT NULL,
+	updated_at      INTEGER NOT NULL
+);
+
+-- One row per cooling scope: the channel (key_index -1, model ''), one key
+-- (key_index >= 0), or one model on the channel (model != '').
+CREATE TABLE cooldowns (
+	channel_id INTEGER NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+	key_index  INTEGER NOT NULL DEFAULT -1,
+	model      TEXT NOT NULL DEFAULT '',
+	until      INTEGER NOT NULL,
+	failures   INTEGER NOT NULL,
+	reason     TEXT NOT NULL DEFAULT '',
+	status     INTEGER NOT NULL DEFAULT 0,
+	PRIMARY KEY (channel_id, key_index, model)
+) WITHOUT ROWID;
+
+CREATE TABLE logs (
+	id                 INTEGER PRIMARY KEY,
+	time               INTEGER NOT NULL,
+	token              TEXT NOT NULL DEFAULT '',
+	protocol           TEXT NOT NULL DEFAULT '',
+	model              TEXT NOT NULL DEFAULT '',
+	upstream_model     TEXT NOT NULL DEFAULT '',
+	channel_id         INTEGER NOT NULL DEFAULT 0,
+	channel_name       TEXT NOT NULL DEFAULT '',
+	key_index          INTEGER NOT NULL DEFAULT -1,
+	attempts           INTEGER NOT NULL DEFAULT 0,
+	status             INTEGER NOT NULL,
+	duration_ms        INTEGER NOT NULL DEFAULT 0,
+	first_byte_ms      INTEGER NOT NULL DEFAULT 0,
+	stream             INTEGER NOT NULL DEFAULT 0,
+	input_tokens       INTEGER NOT NULL DEFAULT 0,
+	output_tokens      INTEGER NOT NULL DEFAULT 0,
+	cache_read_tokens  INTEGER NOT NULL DEFAULT 0,
+	cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+	client_ip          TEXT NOT NULL DEFAULT '',
+	error              TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX logs_time ON logs(time);
+CREATE INDEX logs_channel_time ON logs(channel_id, time);
+CREATE INDEX logs_model_time ON logs(model, time);
+
+-- Admin sessions, by SHA-256 of the token: a stolen database file does not
+-- hand out live sessions.
+CREATE TABLE sessions (
+	token_hash TEXT PRIMARY KEY,
+	expires    INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE settings (
+	key   TEXT PRIMARY KEY,
+	value TEXT NOT NULL
+) WITHOUT ROWID;

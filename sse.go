@@ -1,0 +1,517 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"sync"
+)
+
+// eventKind is what one SSE event means to the relay.
+type eventKind uint8
+
+const (
+	evPreamble eventKind = iota // before content: ping, message_start, response.created
+	evContent                   // the answer has begun
+	evError                     // an error event
+	evEnd                       // the stream finished properly
+)
+
+// classifyEvent sorts one event by protocol. name is the event: field (may
+// be empty), data the joined data: lines.
+func classifyEvent(p protocol, name, data []byte) eventKind {
+	if len(name) == 0 && len(data) > 0 && data[0] == '{' {
+		name = jsonTypeField(data)
+	}
+	switch p {
+	case protoAnthropic:
+		switch string(name) {
+		case "ping", "message_start", "content_block_start", "":
+			return evPreamble
+		case "error":
+			return evError
+		case "message_stop":
+			return evEnd
+		}
+		return evContent
+	case protoOpenAI:
+		if bytes.HasPrefix(name, []byte("response.")) || string(name) == "error" {
+			switch string(name) {
+			case "response.created", "response.in_progress", "response.queued":
+				return evPreamble
+			case "response.completed", "response.incomplete", "response.done":
+				return evEnd
+			case "response.failed", "error":
+				return evError
+			}
+			return evContent
+		}
+		if string(data) == "[DONE]" {
+			return evEnd
+		}
+		if len(data) == 0 {
+			return evPreamble
+		}
+		if _, isErr := parseErrorDoc(data); isErr {
+			return evError
+		}
+		if bytes.Contains(data, []byte(`"finish_reason":"`)) {
+			return evEnd
+		}
+		return evContent
+	default:
+		if len(data) == 0 {
+			return evPreamble
+		}
+		if _, isErr := parseErrorDoc(data); isErr {
+			return evError
+		}
+		return evContent
+	}
+}
+
+// jsonTypeField returns the value of a leading "type" member, the way every
+// Anthropic and Responses event starts, without decoding the document.
+func jsonTypeField(data []byte) []byte {
+	const prefix = `{"type":"`
+	if !bytes.HasPrefix(data, []byte(prefix)) {
+		return nil
+	}
+	rest := data[len(prefix):]
+	if i := bytes.IndexByte(rest, '"'); i >= 0 {
+		return rest[:i]
+	}
+	return nil
+}
+
+// sseScanner reads complete events and keeps what the relay must know about
+// the stream: whether content began, the first error, whether it ended
+// properly, and the token usage.
+type sseScanner struct {
+	proto protocol
+
+	sawContent bool
+	done       bool
+	earlyErr   *upstreamError // an error event before any content
+	earlyData  []byte         // its data, to hand to the client as a body
+	lateErr    *upstreamError // an error event after content began
+	usage      usage
+
+	name    []byte // current event name (points into the fed bytes)
+	data    []byte // current event data
+	joined  []byte // scratch for multi-line data
+	nData   int
+	pending bool // a line was seen since the last dispatch
+}
+
+// feed processes b, which must end at an event boundary (or be the final
+// bytes of the stream).
+func (s *sseScanner) feed(b []byte) {
+	for len(b) > 0 {
+		var line []byte
+		if i := bytes.IndexByte(b, '\n'); i >= 0 {
+			line, b = b[:i], b[i+1:]
+		} else {
+			line, b = b, nil
+		}
+		line = bytes.TrimSuffix(line, []byte{'\r'})
+		if len(line) == 0 {
+			s.dispatch()
+			continue
+		}
+		s.pending = true
+		switch {
+		case line[0] == ':':
+		case bytes.HasPrefix(line, []byte("event:")):
+			s.name = bytes.TrimPrefix(line[6:], []byte{' '})
+		case bytes.HasPrefix(line, []byte("data:")):
+			d := bytes.TrimPrefix(line[5:], []byte{' '})
+			s.nData++
+			switch s.nData {
+			case 1:
+				s.data = d
+			case 2:
+				s.joined = append(append(append(s.joined[:0], s.data...), '\n'), d...)
+				s.data = s.joined
+			default:
+				s.joined = append(append(s.joined, '\n'), d...)
+				s.data = s.joined
+			}
+		}
+	}
+}
+
+// finish dispatches an event the stream ended in without a blank line.
+func (s *sseScanner) finish() { s.dispatch() }
+
+func (s *sseScanner) dispatch() {
+	if !s.pending {
+		return
+	}
+	name, data := s.name, s.data
+	s.name, s.data, s.nData, s.pending = nil, nil, 0, false
+	switch classifyEvent(s.proto, name, data) {
+	case evContent:
+		s.sawContent = true
+	case evEnd:
+		s.sawContent = true
+		s.done = true
+	case evError:
+		e, ok := parseErrorDoc(data)
+		if !ok {
+			e = upstreamError{status: 502, message: "upstream sent an error event"}
+		}
+		if s.sawContent {
+			if s.lateErr == nil {
+				s.lateErr = &e
+			}
+		} else if s.earlyErr == nil {
+			s.earlyErr = &e
+			s.earlyData = bytes.Clone(data)
+		}
+		return
+	}
+	s.usage.absorb(data)
+}
+
+// lastBoundary returns the length of the prefix of b that ends with a blank
+// line, that is the complete events in b; 0 if there is none.
+func lastBoundary(b []byte) int {
+	i := bytes.LastIndex(b, []byte("\n\n"))
+	j := bytes.LastIndex(b, []byte("\n\r\n"))
+	switch {
+	case i < 0 && j < 0:
+		return 0
+	case j >= 0 && j+3 > i+2:
+		return j + 3
+	}
+	return i + 2
+}
+
+// maxHeldEvent bounds how much of one event is held back waiting for its end.
+// A larger event is passed on in pieces, giving up only the guarantee that a
+// cut stream ends on an event boundary.
+const maxHeldEvent = 1 << 20
+
+// bufPool recycles the buffers that hold a partial event. A stream that is
+// idle between events holds none.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+func getBuf() []byte { return (*bufPool.Get().(*[]byte))[:0] }
+
+func putBuf(b []byte) {
+	if cap(b) > 64<<10 {
+		return
+	}
+	b = b[:0]
+	bufPool.Put(&b)
+}
+
+// streamEnd is how a relayed body finished.
+type streamEnd struct {
+	err        error // read error from upstream, nil for a clean end
+	incomplete bool  // a stream ended without its terminal event
+	usage      usage
+	lateErr    *upstreamError
+	message    string // the error message of a relayed error body
+}
+
+// sseBody relays an event stream: it gives the client complete events only,
+// reads usage as they pass, and turns an upstream failure into a proper
+// error event so the client never sees a silent EOF.
+type sseBody struct {
+	src       io.ReadCloser
+	scan      sseScanner
+	responses bool
+
+	pend  []byte // read from src, not yet returned; pend[:ready] is complete events
+	ready int
+	tail  []byte // an error event to send before EOF
+	err   error  // returned once pend and tail are drained
+
+	end    streamEnd
+	closed bool
+	// clientGone reports whether the client went away, which makes a read
+	// error ours to swallow and not the upstream's fault.
+	clientGone func() bool
+	onClose    func(streamEnd)
+}
+
+// waitFirst reads until the first content event. It returns the early error
+// event if one came first, or the read error (io.EOF for an empty stream).
+func (b *sseBody) waitFirst() (*upstreamError, error) {
+	b.pend = getBuf()
+	for !b.scan.sawContent && b.scan.earlyErr == nil {
+		if len(b.pend) == cap(b.pend) {
+			b.pend = append(b.pend, 0)[:len(b.pend)]
+		}
+		n, err := b.src.Read(b.pend[len(b.pend):cap(b.pend)])
+		b.pend = b.pend[:len(b.pend)+n]
+		if k := lastBoundary(b.pend[b.ready:]); k > 0 {
+			b.scan.feed(b.pend[b.ready : b.ready+k])
+			b.ready += k
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) && b.ready < len(b.pend) {
+				b.scan.feed(b.pend[b.ready:])
+				b.scan.finish()
+				b.ready = len(b.pend)
+			}
+			if b.scan.earlyErr != nil {
+				return b.scan.earlyErr, nil
+			}
+			if b.scan.sawContent {
+				// A whole (short) stream arrived before the first read
+				// returned EOF: relay it and end there.
+				b.finishRead(err)
+				return nil, nil
+			}
+			return nil, err
+		}
+		if len(b.pend) > maxHeldEvent {
+			return nil, errors.New("first event larger than 1 MiB")
+		}
+	}
+	return b.scan.earlyErr, nil
+}
+
+func (b *sseBody) Read(p []byte) (int, error) {
+	for {
+		if b.ready > 0 {
+			n := copy(p, b.pend[:b.ready])
+			b.pend = b.pend[n:]
+			b.ready -= n
+			if len(b.pend) == 0 {
+				putBuf(b.pend[:0:cap(b.pend)])
+				b.pend = nil
+			}
+			return n, nil
+		}
+		if len(b.tail) > 0 {
+			n := copy(p, b.tail)
+			b.tail = b.tail[n:]
+			return n, nil
+		}
+		if b.err != nil {
+			return 0, b.err
+		}
+		if len(b.pend) == 0 {
+			// Nothing held: read straight into the caller's buffer and keep
+			// back only a trailing partial event.
+			n, err := b.src.Read(p)
+			k := lastBoundary(p[:n])
+			if k > 0 {
+				b.scan.feed(p[:k])
+			}
+			if k < n {
+				if b.pend == nil {
+					b.pend = getBuf()
+				}
+				b.pend = append(b.pend, p[k:n]...)
+			}
+			if err != nil {
+				b.finishRead(err)
+			}
+			if k > 0 {
+				return k, nil
+			}
+			continue
+		}
+		if len(b.pend) == cap(b.pend) {
+			b.pend = append(b.pend, 0)[:len(b.pend)]
+		}
+		n, err := b.src.Read(b.pend[len(b.pend):cap(b.pend)])
+		b.pend = b.pend[:len(b.pend)+n]
+		if k := lastBoundary(b.pend); k > 0 {
+			b.scan.feed(b.pend[:k])
+			b.ready = k
+		} else if len(b.pend) > maxHeldEvent {
+			b.ready = len(b.pend)
+		}
+		if err != nil {
+			b.finishRead(err)
+		}
+	}
+}
+
+// finishRead decides how the stream ends once src returned err.
+func (b *sseBody) finishRead(err error) {
+	rest := b.pend[b.ready:]
+	if errors.Is(err, io.EOF) {
+		if len(rest) > 0 {
+			b.scan.feed(rest)
+		}
+		b.scan.finish()
+		if b.scan.done || b.scan.proto == protoGemini || b.scan.lateErr != nil {
+			// A proper end (or the upstream's own error event, which the
+			// client already has): relay what is left as it came.
+			b.ready = len(b.pend)
+			b.err = io.EOF
+			return
+		}
+		b.end.incomplete = true
+		b.dropPartial()
+		b.tail = streamErrorEvent(b.scan.proto, b.responses, "upstream closed the stream before it finished")
+		b.err = io.EOF
+		return
+	}
+	b.end.err = err
+	if b.clientGone != nil && b.clientGone() {
+		b.err = err
+		return
+	}
+	b.dropPartial()
+	b.tail = streamErrorEvent(b.scan.proto, b.responses, "upstream connection lost mid-stream: "+shortError(err))
+	b.err = io.EOF
+}
+
+// dropPartial discards a trailing incomplete event: half an event would
+// only confuse the client's parser before the error event.
+func (b *sseBody) dropPartial() {
+	b.pend = b.pend[:b.ready]
+}
+
+func (b *sseBody) Close() error {
+	if b.closed {
+		return nil
+	}
+	b.closed = true
+	err := b.src.Close()
+	if b.pend != nil {
+		putBuf(b.pend[:0:cap(b.pend)])
+		b.pend = nil
+	}
+	b.end.usage = b.scan.usage
+	b.end.lateErr = b.scan.lateErr
+	if b.end.err == nil && !b.scan.done && !b.end.incomplete && b.err == nil && b.scan.proto != protoGemini {
+		// Closed before the stream ended: the client stopped reading.
+		b.end.err = errClientClosed
+	}
+	if b.onClose != nil {
+		b.onClose(b.end)
+	}
+	return err
+}
+
+var errClientClosed = errors.New("client closed the stream")
+
+// plainBody relays a non-stream response and reads usage from its last
+// bytes, where every protocol puts it, without holding the whole body.
+type plainBody struct {
+	src  io.ReadCloser
+	head []byte // peeked bytes, returned first
+	tail []byte // the last tailSize bytes seen
+	// keepTail asks for usage to be read from the tail at the end;
+	// wantError for the message of an error document.
+	keepTail  bool
+	wantError bool
+	end       streamEnd
+	closed    bool
+	sawEOF    bool
+	onClose   func(streamEnd)
+}
+
+const tailSize = 4096
+
+func (b *plainBody) Read(p []byte) (int, error) {
+	if len(b.head) > 0 {
+		n := copy(p, b.head)
+		b.remember(b.head[:n])
+		b.head = b.head[n:]
+		return n, nil
+	}
+	n, err := b.src.Read(p)
+	b.remember(p[:n])
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			b.sawEOF = true
+		} else {
+			b.end.err = err
+		}
+	}
+	return n, err
+}
+
+func (b *plainBody) remember(p []byte) {
+	if !(b.keepTail || b.wantError) || len(p) == 0 {
+		return
+	}
+	if b.tail == nil {
+		b.tail = getBuf()
+	}
+	if len(p) >= tailSize {
+		b.tail = append(b.tail[:0], p[len(p)-tailSize:]...)
+		return
+	}
+	if over := len(b.tail) + len(p) - tailSize; over > 0 {
+		b.tail = b.tail[:copy(b.tail, b.tail[over:])]
+	}
+	b.tail = append(b.tail, p...)
+}
+
+func (b *plainBody) Close() error {
+	if b.closed {
+		return nil
+	}
+	b.closed = true
+	err := b.src.Close()
+	if b.tail != nil {
+		if b.sawEOF && b.keepTail {
+			b.end.usage = usageFromTail(b.tail)
+		}
+		if b.sawEOF && b.wantError {
+			if ue, ok := parseErrorDoc(b.tail); ok {
+				b.end.message = ue.message
+			}
+		}
+		putBuf(b.tail)
+		b.tail = nil
+	}
+	if !b.sawEOF && b.end.err == nil {
+		b.end.err = errClientClosed
+	}
+	if b.onClose != nil {
+		b.onClose(b.end)
+	}
+	return err
+}
+
+// usageFromTail finds the last "usage" or "usageMetadata" object in the end
+// of a JSON response.
+func usageFromTail(tail []byte) usage {
+	var u usage
+	for _, marker := range [][]byte{usageMarker, usageMetaMarker} {
+		i := bytes.LastIndex(tail, marker)
+		if i < 0 {
+			continue
+		}
+		j := skipSpace(tail, i+len(marker))
+		if j >= len(tail) || tail[j] != ':' {
+			continue
+		}
+		j = skipSpace(tail, j+1)
+		if j >= len(tail) || tail[j] != '{' {
+			continue
+		}
+		end := skipValue(tail, j)
+		if end > len(tail) || tail[end-1] != '}' {
+			continue
+		}
+		obj := tail[j:end]
+		var env usageEnvelope
+		if bytes.Equal(marker, usageMetaMarker) {
+			env.UsageMetadata = new(geminiUsage)
+			if json.Unmarshal(obj, env.UsageMetadata) != nil {
+				continue
+			}
+		} else {
+			env.Usage = new(usageFields)
+			if json.Unmarshal(obj, env.Usage) != nil {
+				continue
+			}
+		}
+		u.apply(env)
+	}
+	return u
+}
