@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/url"
 	"slices"
@@ -492,11 +493,15 @@ func (a *admin) handleUpdateChannel() http.Handler {
 			writeAPIError(w, r, err)
 			return
 		}
-		if err := a.store.UpdateChannel(r.Context(), &c); err != nil {
-			writeAPIError(w, r, err)
-			return
-		}
-		if err := a.reload(r.Context()); err != nil {
+		// A change of URL or keys deletes the channel's cooldown rows, so
+		// it must not interleave with the cooldown persister.
+		err = a.cool.exclusive(func() error {
+			if err := a.store.UpdateChannel(r.Context(), &c); err != nil {
+				return err
+			}
+			return a.reload(r.Context())
+		})
+		if err != nil {
 			writeAPIError(w, r, err)
 			return
 		}
@@ -537,10 +542,13 @@ func (a *admin) handleClearCooldown() http.Handler {
 			writeAPIError(w, r, err)
 			return
 		}
-		if h := a.cool.get(id); h != nil {
-			a.cool.clearAll(h)
-		}
-		if err := a.store.ClearCooldowns(r.Context(), id); err != nil {
+		err = a.cool.exclusive(func() error {
+			if h := a.cool.get(id); h != nil {
+				a.cool.clearAll(h)
+			}
+			return a.store.ClearCooldowns(r.Context(), id)
+		})
+		if err != nil {
 			writeAPIError(w, r, err)
 			return
 		}
@@ -1026,5 +1034,139 @@ func (a *admin) handleRedisStatus() http.Handler {
 			return
 		}
 		writeJSON(w, http.StatusOK, a.mirror.Status())
+	})
+}
+
+// queryParams reads URL query parameters, collecting every problem so a
+// request with several bad ones hears about all of them at once.
+type queryParams struct {
+	q    url.Values
+	errs []string
+}
+
+func (p *queryParams) int(name string, def, lo, hi int64) int64 {
+	v := strings.TrimSpace(p.q.Get(name))
+	if v == "" {
+		return def
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n < lo || n > hi {
+		p.errs = append(p.errs, fmt.Sprintf("%s=%q: want a whole number from %d to %d", name, v, lo, hi))
+		return def
+	}
+	return n
+}
+
+// time accepts RFC 3339, a date (2006-01-02, UTC), or Unix seconds or
+// milliseconds.
+func (p *queryParams) time(name string) time.Time {
+	v := strings.TrimSpace(p.q.Get(name))
+	if v == "" {
+		return time.Time{}
+	}
+	if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+		if n > 1e11 {
+			return time.UnixMilli(n)
+		}
+		return time.Unix(n, 0)
+	}
+	for _, layout := range []string{time.RFC3339Nano, "2006-01-02T15:04", "2006-01-02"} {
+		if t, err := time.Parse(layout, v); err == nil {
+			return t
+		}
+	}
+	p.errs = append(p.errs, fmt.Sprintf("%s=%q: want RFC 3339 (2026-01-02T15:04:05Z), a date, or Unix seconds", name, v))
+	return time.Time{}
+}
+
+func (p *queryParams) err() error {
+	if len(p.errs) == 0 {
+		return nil
+	}
+	return badRequest("%s", strings.Join(p.errs, "; "))
+}
+
+const maxStatsHours = 24 * 366
+
+func (a *admin) handleLogs() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := &queryParams{q: r.URL.Query()}
+		f := logFilter{
+			ChannelID: p.int("channel_id", 0, 0, math.MaxInt64),
+			Model:     strings.TrimSpace(p.q.Get("model")),
+			Since:     p.time("since"),
+			Until:     p.time("until"),
+			BeforeID:  p.int("before_id", 0, 1, math.MaxInt64),
+			Limit:     int(p.int("limit", 50, 1, 1000)),
+		}
+		switch st := strings.ToLower(strings.TrimSpace(p.q.Get("status"))); st {
+		case "":
+		case "2xx", "4xx", "5xx":
+			f.StatusClass = int(st[0] - '0')
+		case "error", "errors", "failed":
+			f.StatusClass = -1
+		default:
+			n, err := strconv.Atoi(st)
+			if err != nil || n < 100 || n > 999 {
+				p.errs = append(p.errs, fmt.Sprintf("status=%q: want a status code, 2xx, 4xx, 5xx or error", st))
+			}
+			f.Status = n
+		}
+		if !f.Since.IsZero() && !f.Until.IsZero() && !f.Until.After(f.Since) {
+			p.errs = append(p.errs, "until must be after since")
+		}
+		if err := p.err(); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		rows, total, err := a.store.QueryLogs(r.Context(), f)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		var next *int64
+		if len(rows) == f.Limit {
+			id := rows[len(rows)-1].ID
+			next = &id
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"logs": rows, "total": total, "next_before_id": next})
+	})
+}
+
+func (a *admin) handleStats() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := &queryParams{q: r.URL.Query()}
+		hours := int(p.int("hours", 24, 1, maxStatsHours))
+		if err := p.err(); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		names := map[int64]string{}
+		for _, c := range a.sel.current().all {
+			names[c.ID] = c.Name
+		}
+		chs, models, err := a.store.Stats(r.Context(), a.now().Add(-time.Duration(hours)*time.Hour), names)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, stats{Hours: hours, Channels: chs, Models: models})
+	})
+}
+
+func (a *admin) handleTrends() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := &queryParams{q: r.URL.Query()}
+		hours := int(p.int("hours", 24, 1, maxStatsHours))
+		if err := p.err(); err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		b, err := a.store.Trends(r.Context(), a.now(), hours)
+		if err != nil {
+			writeAPIError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"hours": hours, "buckets": b})
 	})
 }

@@ -130,6 +130,12 @@ type cooldowns struct {
 	pendingMu sync.Mutex // guards pending
 	pending   map[cooldownKey]cooldownRecord
 	wake      chan struct{} // capacity 1: "pending is not empty"
+
+	// writeMu orders writes of cooldown rows: the persister holds it while
+	// it writes a batch, and so does anything that deletes rows (a clear, a
+	// change of URL or keys), so a batch taken before a clear can never be
+	// written after it and bring the cooldown back on the next start.
+	writeMu sync.Mutex
 }
 
 type cooldownKey struct {
@@ -159,6 +165,11 @@ func (c *cooldowns) sync(channels []Channel) map[int64]*channelHealth {
 		fp := channelFingerprint(ch)
 		h := c.byID[ch.ID]
 		if h == nil || h.fingerprint != fp {
+			if h != nil {
+				// URL or keys changed: the old health's queued rows
+				// describe an upstream that is no longer configured.
+				c.dropPending(ch.ID)
+			}
 			h = &channelHealth{id: ch.ID, fingerprint: fp, keys: make([]coolSlot, len(ch.APIKeys))}
 		}
 		next[ch.ID] = h
@@ -309,8 +320,8 @@ func (c *cooldowns) succeed(h *channelHealth, keyIndex int, model string) {
 	}
 }
 
-// clearAll lifts every cooldown of the channel (admin action). The stored
-// rows are deleted by the caller in the same request, so nothing is queued.
+// clearAll lifts every cooldown of the channel (admin action). The caller
+// deletes the stored rows, inside exclusive, so nothing is queued.
 func (c *cooldowns) clearAll(h *channelHealth) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -327,13 +338,7 @@ func (c *cooldowns) clearAll(h *channelHealth) {
 			reset(s)
 		}
 	}
-	c.pendingMu.Lock()
-	for k := range c.pending {
-		if k.channelID == h.id {
-			delete(c.pending, k)
-		}
-	}
-	c.pendingMu.Unlock()
+	c.dropPending(h.id)
 }
 
 func (c *cooldowns) persist(k cooldownKey, r cooldownRecord) {
@@ -364,30 +369,56 @@ func (c *cooldowns) takePending() []cooldownRecord {
 // then writes what is left. Bursts coalesce: only the latest state of a
 // scope is written. A failed write is retried on the next change or flush.
 func (c *cooldowns) persistLoop(ctx context.Context, s *Store) {
-	flush := func(ctx context.Context) {
-		recs := c.takePending()
-		if len(recs) == 0 {
-			return
-		}
-		if err := s.SaveCooldowns(ctx, recs); err != nil {
-			slog.Error("persist cooldowns", "err", err, "records", len(recs))
-			c.pendingMu.Lock()
-			for _, r := range recs {
-				k := cooldownKey{r.ChannelID, r.KeyIndex, r.Model}
-				if _, newer := c.pending[k]; !newer {
-					c.pending[k] = r
-				}
-			}
-			c.pendingMu.Unlock()
-		}
-	}
 	for {
 		select {
 		case <-c.wake:
-			flush(ctx)
+			// Not cancelled with ctx: a batch already taken is written
+			// whole, so shutdown never loses it.
+			c.flush(context.WithoutCancel(ctx), s)
 		case <-ctx.Done():
-			flush(context.WithoutCancel(ctx))
+			c.flush(context.WithoutCancel(ctx), s)
 			return
+		}
+	}
+}
+
+// flush writes the pending changes now.
+func (c *cooldowns) flush(ctx context.Context, s *Store) {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	recs := c.takePending()
+	if len(recs) == 0 {
+		return
+	}
+	if err := s.SaveCooldowns(ctx, recs); err != nil {
+		slog.Error("persist cooldowns", "err", err, "records", len(recs))
+		c.pendingMu.Lock()
+		for _, r := range recs {
+			k := cooldownKey{r.ChannelID, r.KeyIndex, r.Model}
+			if _, newer := c.pending[k]; !newer {
+				c.pending[k] = r
+			}
+		}
+		c.pendingMu.Unlock()
+	}
+}
+
+// exclusive runs f while no batch of cooldown rows is being written; see
+// writeMu.
+func (c *cooldowns) exclusive(f func() error) error {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	return f()
+}
+
+// dropPending forgets queued changes of a channel whose rows are being
+// deleted.
+func (c *cooldowns) dropPending(channelID int64) {
+	c.pendingMu.Lock()
+	defer c.pendingMu.Unlock()
+	for k := range c.pending {
+		if k.channelID == channelID {
+			delete(c.pending, k)
 		}
 	}
 }

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -279,11 +282,14 @@ func retentionLoop(ctx context.Context, s *Store, days int) {
 	for {
 		cutoff := s.Now().AddDate(0, 0, -days)
 		if n, err := s.DeleteLogsBefore(ctx, cutoff); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
 			slog.Error("log retention", "err", err)
 		} else if n > 0 {
 			slog.Info("log retention", "deleted", n, "older_than", cutoff.Format(time.RFC3339))
 		}
-		if err := s.DeleteExpiredSessions(ctx); err != nil {
+		if err := s.DeleteExpiredSessions(ctx); err != nil && ctx.Err() == nil {
 			slog.Error("session cleanup", "err", err)
 		}
 		select {
@@ -292,4 +298,201 @@ func retentionLoop(ctx context.Context, s *Store, days int) {
 		case <-tick.C:
 		}
 	}
+}
+
+// statsRow is one line of /admin/stats: a channel's or a model's traffic.
+type statsRow struct {
+	ChannelID       *int64  `json:"channel_id,omitempty"`
+	ChannelName     *string `json:"channel_name,omitempty"`
+	Model           *string `json:"model,omitempty"`
+	Requests        int64   `json:"requests"`
+	Success         int64   `json:"success"`
+	Errors          int64   `json:"errors"`
+	SuccessRate     float64 `json:"success_rate"`
+	AvgMS           float64 `json:"avg_ms"`
+	P95MS           int64   `json:"p95_ms"`
+	AvgFirstByteMS  float64 `json:"avg_first_byte_ms"`
+	InputTokens     int64   `json:"input_tokens"`
+	OutputTokens    int64   `json:"output_tokens"`
+	CacheReadTokens int64   `json:"cache_read_tokens"`
+	CacheWriteToks  int64   `json:"cache_write_tokens"`
+
+	durations []int64 // for p95; not serialised
+	durSum    int64
+	fbSum     int64
+}
+
+func (r *statsRow) add(status int, dur, fb, in, out, cr, cw int64) {
+	r.Requests++
+	if status >= 200 && status < 300 {
+		r.Success++
+	}
+	r.durations = append(r.durations, dur)
+	r.durSum += dur
+	r.fbSum += fb
+	r.InputTokens += in
+	r.OutputTokens += out
+	r.CacheReadTokens += cr
+	r.CacheWriteToks += cw
+}
+
+func (r *statsRow) finish() {
+	r.Errors = r.Requests - r.Success
+	if r.Requests > 0 {
+		r.SuccessRate = float64(r.Success) / float64(r.Requests)
+		r.AvgMS = float64(r.durSum) / float64(r.Requests)
+		r.AvgFirstByteMS = float64(r.fbSum) / float64(r.Requests)
+		r.P95MS = percentile(r.durations, 0.95)
+	}
+	r.durations = nil
+}
+
+// percentile returns the nearest-rank q-th percentile of v (reordered).
+func percentile(v []int64, q float64) int64 {
+	if len(v) == 0 {
+		return 0
+	}
+	slices.Sort(v)
+	i := int(math.Ceil(q*float64(len(v)))) - 1
+	return v[max(0, min(i, len(v)-1))]
+}
+
+// stats is the /admin/stats answer.
+type stats struct {
+	Hours    int        `json:"hours"`
+	Channels []statsRow `json:"channels"`
+	Models   []statsRow `json:"models"`
+}
+
+// Stats aggregates the log since t by channel and by model. names gives the
+// current name of each channel; rows of deleted channels keep the name they
+// were logged with. One pass over the covering index serves both groupings.
+func (s *Store) Stats(ctx context.Context, since time.Time, names map[int64]string) ([]statsRow, []statsRow, error) {
+	rows, err := s.rdb.QueryContext(ctx, `SELECT channel_id, model, status, duration_ms, first_byte_ms,
+		input_tokens, output_tokens, cache_read_tokens, cache_write_tokens
+		FROM logs INDEXED BY logs_stats WHERE time >= ?`, since.UnixMilli())
+	if err != nil {
+		return nil, nil, fmt.Errorf("stats: %w", err)
+	}
+	defer rows.Close()
+	byChannel := map[int64]*statsRow{}
+	byModel := map[string]*statsRow{}
+	for rows.Next() {
+		var (
+			ch                       int64
+			model                    string
+			status                   int
+			dur, fb, in, out, cr, cw int64
+		)
+		if err := rows.Scan(&ch, &model, &status, &dur, &fb, &in, &out, &cr, &cw); err != nil {
+			return nil, nil, err
+		}
+		c := byChannel[ch]
+		if c == nil {
+			id := ch
+			c = &statsRow{ChannelID: &id}
+			byChannel[ch] = c
+		}
+		c.add(status, dur, fb, in, out, cr, cw)
+		m := byModel[model]
+		if m == nil {
+			name := model
+			m = &statsRow{Model: &name}
+			byModel[model] = m
+		}
+		m.add(status, dur, fb, in, out, cr, cw)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, err
+	}
+	chOut := make([]statsRow, 0, len(byChannel))
+	for id, r := range byChannel {
+		name, ok := names[id]
+		if !ok {
+			name = s.loggedChannelName(ctx, id)
+		}
+		r.ChannelName = &name
+		r.finish()
+		chOut = append(chOut, *r)
+	}
+	mOut := make([]statsRow, 0, len(byModel))
+	for _, r := range byModel {
+		r.finish()
+		mOut = append(mOut, *r)
+	}
+	byTraffic := func(a, b statsRow) int {
+		return cmp.Or(cmp.Compare(b.Requests, a.Requests), cmp.Compare(a.sortKey(), b.sortKey()))
+	}
+	slices.SortFunc(chOut, byTraffic)
+	slices.SortFunc(mOut, byTraffic)
+	return chOut, mOut, nil
+}
+
+func (r statsRow) sortKey() string {
+	if r.Model != nil {
+		return *r.Model
+	}
+	return fmt.Sprintf("%020d", *r.ChannelID)
+}
+
+// loggedChannelName is the name a (since deleted) channel was logged with.
+func (s *Store) loggedChannelName(ctx context.Context, id int64) string {
+	if id == 0 {
+		return ""
+	}
+	var name string
+	s.rdb.QueryRowContext(ctx, `SELECT channel_name FROM logs WHERE channel_id = ? ORDER BY id DESC LIMIT 1`, id).Scan(&name)
+	return name
+}
+
+// trendBucket is one hour of /admin/trends.
+type trendBucket struct {
+	Start        time.Time `json:"start"`
+	Requests     int64     `json:"requests"`
+	Success      int64     `json:"success"`
+	Errors       int64     `json:"errors"`
+	AvgMS        float64   `json:"avg_ms"`
+	InputTokens  int64     `json:"input_tokens"`
+	OutputTokens int64     `json:"output_tokens"`
+
+	durSum int64
+}
+
+// Trends returns hourly buckets for the hours ending with the current one,
+// every hour present, zeros included.
+func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBucket, error) {
+	first := now.UTC().Truncate(time.Hour).Add(-time.Duration(hours-1) * time.Hour)
+	buckets := make([]trendBucket, hours)
+	for i := range buckets {
+		buckets[i].Start = first.Add(time.Duration(i) * time.Hour)
+	}
+	rows, err := s.rdb.QueryContext(ctx, `SELECT (time - ?) / 3600000 AS h, count(*),
+		sum(status >= 200 AND status < 300), sum(duration_ms), sum(input_tokens), sum(output_tokens)
+		FROM logs INDEXED BY logs_stats WHERE time >= ? GROUP BY h`, first.UnixMilli(), first.UnixMilli())
+	if err != nil {
+		return nil, fmt.Errorf("trends: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var h, n, ok, dur, in, out int64
+		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out); err != nil {
+			return nil, err
+		}
+		if h < 0 || h >= int64(hours) {
+			continue // clock skew: a row from the future
+		}
+		b := &buckets[h]
+		b.Requests, b.Success, b.durSum, b.InputTokens, b.OutputTokens = n, ok, dur, in, out
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	for i := range buckets {
+		b := &buckets[i]
+		b.Errors = b.Requests - b.Success
+		if b.Requests > 0 {
+			b.AvgMS = float64(b.durSum) / float64(b.Requests)
+		}
+	}
+	return buckets, nil
 }

@@ -392,6 +392,9 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("POST /admin/channels/{id}/test", ad.handleTestChannel())
 	admin("GET /admin/summary", ad.handleSummary())
 	admin("GET /admin/redis", ad.handleRedisStatus())
+	admin("GET /admin/logs", ad.handleLogs())
+	admin("GET /admin/stats", ad.handleStats())
+	admin("GET /admin/trends", ad.handleTrends())
 	admin("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such admin endpoint: " + r.Method + " " + r.URL.Path})
 	}))

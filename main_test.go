@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -16,6 +17,15 @@ import (
 	"testing"
 	"time"
 )
+
+// TestMain keeps the program's log out of test output unless asked for
+// (CCLOAD_TEST_LOG=1): tests assert on behaviour, not on log lines.
+func TestMain(m *testing.M) {
+	if os.Getenv("CCLOAD_TEST_LOG") == "" {
+		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	}
+	os.Exit(m.Run())
+}
 
 // testEnv is a real ccload (real SQLite file, real sockets) for one test.
 type testEnv struct {
@@ -282,6 +292,8 @@ func TestVersionFlag(t *testing.T) {
 // TestRunServesAndShutsDown starts the real program on a free port, checks
 // /healthz and the healthcheck subcommand, then stops it with its context.
 func TestRunServesAndShutsDown(t *testing.T) {
+	defaultLogger := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(defaultLogger) })
 	dir := t.TempDir()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -435,7 +435,9 @@ func TestGiveUp503InProtocolShape(t *testing.T) {
 				}
 				msg = v.Error.Message
 			case protoOpenAI:
-				var v struct{ Error struct{ Type, Message string } }
+				var v struct {
+					Error struct{ Type, Message string }
+				}
 				json.Unmarshal(body, &v)
 				if v.Error.Type != "server_error" {
 					t.Errorf("not OpenAI's shape: %s", body)
@@ -444,7 +446,7 @@ func TestGiveUp503InProtocolShape(t *testing.T) {
 			default:
 				var v struct {
 					Error struct {
-						Code           int
+						Code            int
 						Message, Status string
 					}
 				}
