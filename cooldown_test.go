@@ -1,0 +1,188 @@
+package main
+
+import (
+	"testing"
+	"time"
+)
+
+func TestBackoff(t *testing.T) {
+	cases := []struct {
+		base time.Duration
+		n    int
+		want time.Duration
+	}{
+		{transientBase, 1, 30 * time.Second},
+		{transientBase, 2, time.Minute},
+		{transientBase, 3, 2 * time.Minute},
+		{transientBase, 6, 16 * time.Minute},
+		{transientBase, 7, 30 * time.Minute},
+		{transientBase, 1000, 30 * time.Minute},
+		{persistentBase, 1, 5 * time.Minute},
+		{persistentBase, 2, 10 * time.Minute},
+		{persistentBase, 3, 20 * time.Minute},
+		{persistentBase, 4, 30 * time.Minute},
+	}
+	for _, tc := range cases {
+		if got := backoff(tc.base, tc.n); got != tc.want {
+			t.Errorf("backoff(%s, %d) = %s; want %s", tc.base, tc.n, got, tc.want)
+		}
+	}
+}
+
+// fakeClock is a time source tests move by hand.
+type fakeClock struct{ t time.Time }
+
+func (c *fakeClock) now() time.Time          { return c.t }
+func (c *fakeClock) advance(d time.Duration) { c.t = c.t.Add(d) }
+
+func newTestCooldowns(ch ...Channel) (*cooldowns, *fakeClock, map[int64]*channelHealth) {
+	clk := &fakeClock{t: time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)}
+	c := newCooldowns(clk.now)
+	return c, clk, c.sync(ch)
+}
+
+func TestCooldownScopesAndDoubling(t *testing.T) {
+	c, clk, hs := newTestCooldowns(Channel{ID: 1, URL: "u", APIKeys: []string{"a", "b"}})
+	h := hs[1]
+	transient := verdict{scope: scopeChannel, base: transientBase, status: 503, reason: "503"}
+
+	steps := []struct {
+		v    verdict
+		want time.Duration
+	}{
+		{transient, 30 * time.Second},
+		{transient, time.Minute},
+		{transient, 2 * time.Minute},
+		{verdict{scope: scopeChannel, base: transientBase, wait: 90 * time.Second}, 90 * time.Second}, // upstream's time wins
+		{verdict{scope: scopeChannel, base: transientBase, wait: 72 * time.Hour}, maxUpstreamWait},    // but not nonsense
+	}
+	for i, s := range steps {
+		until := c.fail(h, -1, "", s.v)
+		if got := until.Sub(clk.now()); got != s.want {
+			t.Errorf("step %d: cooldown %s; want %s", i, got, s.want)
+		}
+	}
+	if h.ch.failures != 5 {
+		t.Errorf("failures %d; want 5", h.ch.failures)
+	}
+
+	// Key and model scopes are independent of the channel's.
+	c.fail(h, 1, "", verdict{scope: scopeKey, base: persistentBase, status: 401})
+	c.fail(h, 0, "claude-x", verdict{scope: scopeModel, base: persistentBase, status: 404})
+	now := clk.now().UnixNano()
+	if h.keys[0].cooling(now) || !h.keys[1].cooling(now) {
+		t.Error("wrong key cooling")
+	}
+	if s := h.modelSlot("claude-x"); s == nil || !s.cooling(now) || h.modelSlot("other") != nil {
+		t.Error("model scope wrong")
+	}
+
+	// A success clears the channel, the key used and the model asked.
+	c.succeed(h, 1, "claude-x")
+	if h.ch.until.Load() != 0 || h.ch.failures != 0 || h.keys[1].until.Load() != 0 || h.modelSlot("claude-x").until.Load() != 0 {
+		t.Errorf("success left state behind: ch %d key %d", h.ch.failures, h.keys[1].failures)
+	}
+	// ...so the next failure starts again from the base.
+	if until := c.fail(h, -1, "", transient); until.Sub(clk.now()) != transientBase {
+		t.Errorf("after success: %s; want %s", until.Sub(clk.now()), transientBase)
+	}
+	// Expiry without a success keeps counting: the next failure doubles.
+	clk.advance(time.Hour)
+	if h.ch.cooling(clk.now().UnixNano()) {
+		t.Error("still cooling after expiry")
+	}
+	if until := c.fail(h, -1, "", transient); until.Sub(clk.now()) != time.Minute {
+		t.Errorf("consecutive after expiry: %s; want 1m", until.Sub(clk.now()))
+	}
+}
+
+func TestBlockedUntil(t *testing.T) {
+	c, clk, hs := newTestCooldowns(Channel{ID: 1, URL: "u", APIKeys: []string{"a", "b"}})
+	h := hs[1]
+	now := func() int64 { return clk.now().UnixNano() }
+	if got := h.blockedUntil("m", now()); got != 0 {
+		t.Fatalf("fresh channel blocked until %d", got)
+	}
+	u1 := c.fail(h, 0, "", verdict{scope: scopeKey, base: time.Minute})
+	if got := h.blockedUntil("m", now()); got != 0 {
+		t.Error("one key of two cooling blocks the channel")
+	}
+	u2 := c.fail(h, 1, "", verdict{scope: scopeKey, base: 2 * time.Minute})
+	if got := h.blockedUntil("m", now()); got != u1.UnixNano() {
+		t.Errorf("all keys cooling: blocked until %d; want the first key's %d", got, u1.UnixNano())
+	}
+	um := c.fail(h, 0, "m", verdict{scope: scopeModel, base: 10 * time.Minute})
+	if got := h.blockedUntil("m", now()); got != um.UnixNano() {
+		t.Errorf("model cooling longest: %d; want %d", got, um.UnixNano())
+	}
+	if got := h.blockedUntil("other", now()); got != u1.UnixNano() {
+		t.Errorf("other model: %d; want %d", got, u1.UnixNano())
+	}
+	clk.advance(3 * time.Minute)
+	_ = u2
+	if got := h.blockedUntil("other", now()); got != 0 {
+		t.Error("still blocked after the keys freed")
+	}
+}
+
+func TestSyncKeepsHealthUnlessURLOrKeysChange(t *testing.T) {
+	ch := Channel{ID: 1, URL: "https://a", APIKeys: []string{"k1"}}
+	c, _, hs := newTestCooldowns(ch)
+	h := hs[1]
+	c.fail(h, -1, "", verdict{scope: scopeChannel, base: time.Minute})
+
+	ch.Priority, ch.Models = 5, []string{"x"}
+	if got := c.sync([]Channel{ch})[1]; got != h {
+		t.Error("an unrelated edit replaced the health")
+	}
+	ch.URL = "https://b"
+	if got := c.sync([]Channel{ch})[1]; got == h || got.ch.until.Load() != 0 {
+		t.Error("a URL change kept the health")
+	}
+	h = c.get(1)
+	ch.APIKeys = []string{"k1", "k2"}
+	if got := c.sync([]Channel{ch})[1]; got == h || len(got.keys) != 2 {
+		t.Error("a key change kept the health")
+	}
+	if got := c.sync(nil); len(got) != 0 || c.get(1) != nil {
+		t.Error("a deleted channel kept its health")
+	}
+}
+
+func TestRestoreAndPending(t *testing.T) {
+	c, clk, hs := newTestCooldowns(Channel{ID: 1, URL: "u", APIKeys: []string{"a"}})
+	until := clk.now().Add(time.Minute)
+	n := c.restore([]cooldownRecord{
+		{ChannelID: 1, KeyIndex: -1, Until: until, Failures: 2, Reason: "503", Status: 503},
+		{ChannelID: 1, KeyIndex: 0, Until: until, Failures: 1},
+		{ChannelID: 1, KeyIndex: -1, Model: "m", Until: until, Failures: 1},
+		{ChannelID: 1, KeyIndex: 5, Until: until, Failures: 1},  // key no longer there
+		{ChannelID: 9, KeyIndex: -1, Until: until, Failures: 1}, // channel gone
+	})
+	if n != 3 {
+		t.Errorf("restored %d; want 3", n)
+	}
+	h := hs[1]
+	st := h.state(clk.now())
+	if st.CooldownUntil == nil || !st.CooldownUntil.Equal(until) || st.Failures != 2 || st.CooldownReason != "503" ||
+		st.Keys[0].CooldownUntil == nil || len(st.Models) != 1 {
+		t.Errorf("state %+v", st)
+	}
+	// Failures queue their rows; the latest state of a scope wins.
+	c.fail(h, -1, "", verdict{scope: scopeChannel, base: time.Minute})
+	c.fail(h, -1, "", verdict{scope: scopeChannel, base: time.Minute})
+	recs := c.takePending()
+	if len(recs) != 1 || recs[0].Failures != 4 {
+		t.Errorf("pending %+v; want one record with 4 failures", recs)
+	}
+	c.succeed(h, 0, "m")
+	recs = c.takePending()
+	if len(recs) != 3 {
+		t.Errorf("clears queued %d rows; want 3 (channel, key, model)", len(recs))
+	}
+	for _, r := range recs {
+		if r.Failures != 0 {
+			t.Errorf("clear row %+v", r)
+		}
+	}
+}

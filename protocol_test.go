@@ -1,0 +1,282 @@
+package main
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestInspectBody(t *testing.T) {
+	cases := []struct {
+		body   string
+		model  string
+		has    bool
+		stream bool
+		err    string
+	}{
+		{`{"model":"claude-x","stream":true}`, "claude-x", true, true, ""},
+		{` { "stream" : false , "model" : "m" } `, "m", true, false, ""},
+		{`{"messages":[{"model":"inner"}],"metadata":{"model":"meta"},"model":"outer"}`, "outer", true, false, ""},
+		{`{"system":"say \"model\": \"x\"","model":"m"}`, "m", true, false, ""},
+		{`{"mod\u0065l":"escaped-key"}`, "escaped-key", true, false, ""},
+		{`{"model":"caf\u00e9"}`, "café", true, false, ""},
+		{`{"stream":"true","model":"m"}`, "m", true, false, ""},
+		{`{"model":null}`, "", false, false, ""},
+		{`{}`, "", false, false, ""},
+		{`{"model":42}`, "", false, false, "must be a string"},
+		{`{"model":["a"]}`, "", false, false, "must be a string"},
+		{`[1,2]`, "", false, false, "JSON object"},
+		{`"model"`, "", false, false, "JSON object"},
+	}
+	for _, tc := range cases {
+		info, err := inspectBody([]byte(tc.body))
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("inspectBody(%s) error %v; want %q", tc.body, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || info.model != tc.model || info.hasModel != tc.has || info.stream != tc.stream {
+			t.Errorf("inspectBody(%s) = %+v, %v; want model %q has %v stream %v", tc.body, info, err, tc.model, tc.has, tc.stream)
+		}
+	}
+}
+
+// FuzzInspectBody checks the scanner against encoding/json on any valid
+// JSON object, and that withModel changes nothing but the model.
+func FuzzInspectBody(f *testing.F) {
+	for _, s := range []string{`{"model":"a","stream":true}`, `{"x":{"model":"b"},"model":"c\"d"}`, `{"stream":1}`,
+		`{"a":[1,{"b":"}"}],"model":"m\\"}`, `{"model":"\ud83d\ude00"}`} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, body string) {
+		if !json.Valid([]byte(body)) {
+			return
+		}
+		var want struct {
+			Model  any `json:"model"`
+			Stream any `json:"stream"`
+		}
+		objErr := json.Unmarshal([]byte(body), &want)
+		info, err := inspectBody([]byte(body))
+		if objErr != nil {
+			if err == nil {
+				t.Fatalf("accepted a non-object: %s", body)
+			}
+			return
+		}
+		m, isString := want.Model.(string)
+		if err != nil {
+			if isString || want.Model == nil {
+				t.Fatalf("inspectBody(%s): %v", body, err)
+			}
+			return
+		}
+		if info.model != m || info.hasModel != isString || info.stream != (want.Stream == true) {
+			t.Fatalf("inspectBody(%s) = %+v; encoding/json says model %v stream %v", body, info, want.Model, want.Stream)
+		}
+		if info.hasModel {
+			out := withModel([]byte(body), info, "new-model")
+			var got map[string]any
+			var orig map[string]any
+			json.Unmarshal([]byte(body), &orig)
+			if err := json.Unmarshal(out, &got); err != nil || got["model"] != "new-model" {
+				t.Fatalf("withModel(%s) = %s", body, out)
+			}
+			delete(got, "model")
+			delete(orig, "model")
+			a, _ := json.Marshal(got)
+			b, _ := json.Marshal(orig)
+			if string(a) != string(b) {
+				t.Fatalf("withModel changed more than the model: %s -> %s", body, out)
+			}
+		}
+	})
+}
+
+func TestParseErrorDoc(t *testing.T) {
+	cases := []struct {
+		doc    string
+		ok     bool
+		status int
+		msg    string
+	}{
+		{`{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}`, true, 529, "Overloaded"},
+		{`{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}`, true, 429, "slow down"},
+		{`{"error":{"message":"Incorrect API key","type":"invalid_request_error","code":"invalid_api_key"}}`, true, 400, "Incorrect API key"},
+		{`{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}`, true, 429, "quota"},
+		{`{"error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}`, true, 503, "The model is overloaded."},
+		{`{"error":{"code":429,"message":"Resource exhausted","status":"RESOURCE_EXHAUSTED"}}`, true, 429, "Resource exhausted"},
+		{`{"type":"response.failed","response":{"status":"failed","error":{"code":"server_error","message":"boom"}}}`, true, 502, "boom"},
+		{`{"type":"response.failed","response":{"error":{"code":"rate_limit_exceeded","message":"rl"}}}`, true, 429, "rl"},
+		{`{"type":"error","code":"server_is_overloaded","message":"busy"}`, true, 529, "busy"},
+		{`{"error":"plain string"}`, true, 502, "plain string"},
+		{`{"id":"msg_1","type":"message","content":[]}`, false, 0, ""},
+		{`{"choices":[{"delta":{"content":"the error was"}}]}`, false, 0, ""},
+		{`not json with "error"`, false, 0, ""},
+	}
+	for _, tc := range cases {
+		e, ok := parseErrorDoc([]byte(tc.doc))
+		if ok != tc.ok || (ok && (e.status != tc.status || e.message != tc.msg)) {
+			t.Errorf("parseErrorDoc(%s) = %+v, %v; want %d %q %v", tc.doc, e, ok, tc.status, tc.msg, tc.ok)
+		}
+	}
+}
+
+func TestRetryAfter(t *testing.T) {
+	now := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+	cases := []struct {
+		h    http.Header
+		want time.Duration
+	}{
+		{http.Header{"Retry-After": {"17"}}, 17 * time.Second},
+		{http.Header{"Retry-After": {now.Add(2 * time.Minute).Format(http.TimeFormat)}}, 2 * time.Minute},
+		{http.Header{"Retry-After-Ms": {"1500"}, "Retry-After": {"9"}}, 1500 * time.Millisecond},
+		{http.Header{"X-Ratelimit-Reset-Requests": {"6m0s"}, "X-Ratelimit-Reset-Tokens": {"20ms"}}, 6 * time.Minute},
+		{http.Header{"Anthropic-Ratelimit-Requests-Reset": {now.Add(40 * time.Second).Format(time.RFC3339)}}, 40 * time.Second},
+		{http.Header{"Retry-After": {"soon"}}, 0},
+		{http.Header{}, 0},
+	}
+	for _, tc := range cases {
+		if got := retryAfter(tc.h, now); got != tc.want {
+			t.Errorf("retryAfter(%v) = %s; want %s", tc.h, got, tc.want)
+		}
+	}
+}
+
+func TestClassifyStatus(t *testing.T) {
+	for status, want := range map[int]scope{
+		400: scopeNone, 413: scopeNone, 422: scopeNone, 405: scopeNone, 409: scopeNone,
+		401: scopeKey, 402: scopeKey, 403: scopeKey, 429: scopeKey,
+		404: scopeChannel, 408: scopeChannel, 500: scopeChannel, 502: scopeChannel, 503: scopeChannel,
+		504: scopeChannel, 520: scopeChannel, 524: scopeChannel, 529: scopeChannel,
+	} {
+		if got := classifyStatus(status).scope; got != want {
+			t.Errorf("classifyStatus(%d) = %s; want %s", status, got, want)
+		}
+	}
+	if classifyStatus(401).base != persistentBase || classifyStatus(429).base != transientBase || classifyStatus(503).base != transientBase {
+		t.Error("backoff bases")
+	}
+}
+
+func TestClassifyEvent(t *testing.T) {
+	cases := []struct {
+		p          protocol
+		name, data string
+		want       eventKind
+	}{
+		{protoAnthropic, "ping", `{"type":"ping"}`, evPreamble},
+		{protoAnthropic, "message_start", `{"type":"message_start"}`, evPreamble},
+		{protoAnthropic, "content_block_start", `{}`, evPreamble},
+		{protoAnthropic, "content_block_delta", `{}`, evContent},
+		{protoAnthropic, "message_delta", `{}`, evContent},
+		{protoAnthropic, "message_stop", `{}`, evEnd},
+		{protoAnthropic, "error", `{"type":"error","error":{}}`, evError},
+		{protoAnthropic, "", `{"type":"content_block_delta","delta":{}}`, evContent}, // no event: line
+		{protoAnthropic, "", `{"type":"error","error":{"type":"overloaded_error"}}`, evError},
+		{protoOpenAI, "", `{"choices":[{"delta":{"role":"assistant"},"finish_reason":null}]}`, evContent},
+		{protoOpenAI, "", `{"choices":[{"delta":{},"finish_reason":"stop"}]}`, evEnd},
+		{protoOpenAI, "", `[DONE]`, evEnd},
+		{protoOpenAI, "", `{"error":{"message":"x","type":"server_error"}}`, evError},
+		{protoOpenAI, "response.created", `{}`, evPreamble},
+		{protoOpenAI, "response.in_progress", `{}`, evPreamble},
+		{protoOpenAI, "response.output_text.delta", `{}`, evContent},
+		{protoOpenAI, "response.completed", `{}`, evEnd},
+		{protoOpenAI, "response.failed", `{}`, evError},
+		{protoOpenAI, "error", `{}`, evError},
+		{protoGemini, "", `{"candidates":[]}`, evContent},
+		{protoGemini, "", `{"error":{"code":503}}`, evError},
+	}
+	for _, tc := range cases {
+		if got := classifyEvent(tc.p, []byte(tc.name), []byte(tc.data)); got != tc.want {
+			t.Errorf("classifyEvent(%s, %q, %s) = %d; want %d", tc.p, tc.name, tc.data, got, tc.want)
+		}
+	}
+}
+
+func TestUsageAbsorb(t *testing.T) {
+	cases := []struct {
+		name   string
+		events []string
+		want   usage
+	}{
+		{"anthropic stream", []string{
+			`{"type":"message_start","message":{"usage":{"input_tokens":10,"cache_creation_input_tokens":3,"cache_read_input_tokens":4,"output_tokens":1}}}`,
+			`{"type":"content_block_delta","delta":{"text":"the usage of words"}}`,
+			`{"type":"message_delta","usage":{"output_tokens":25}}`,
+		}, usage{Input: 10, Output: 25, CacheRead: 4, CacheWrite: 3}},
+		{"openai chat", []string{
+			`{"choices":[{"delta":{"content":"hi"}}]}`,
+			`{"choices":[],"usage":{"prompt_tokens":30,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":20}}}`,
+		}, usage{Input: 10, Output: 7, CacheRead: 20}},
+		{"responses", []string{
+			`{"type":"response.completed","response":{"usage":{"input_tokens":50,"output_tokens":9,"input_tokens_details":{"cached_tokens":40}}}}`,
+		}, usage{Input: 10, Output: 9, CacheRead: 40}},
+		{"gemini", []string{
+			`{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":2}}`,
+			`{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":6,"thoughtsTokenCount":4,"cachedContentTokenCount":3}}`,
+		}, usage{Input: 5, Output: 10, CacheRead: 3}},
+	}
+	for _, tc := range cases {
+		var u usage
+		for _, ev := range tc.events {
+			u.absorb([]byte(ev))
+		}
+		if u != tc.want {
+			t.Errorf("%s: %+v; want %+v", tc.name, u, tc.want)
+		}
+	}
+}
+
+func TestUsageFromTail(t *testing.T) {
+	long := strings.Repeat("x", 10000)
+	cases := []struct {
+		body string
+		want usage
+	}{
+		{`{"content":[{"text":"` + long + `"}],"usage":{"input_tokens":3,"output_tokens":4,"cache_read_input_tokens":1}}`, usage{Input: 3, Output: 4, CacheRead: 1}},
+		{`{"output":[],"usage":{"input_tokens":9,"output_tokens":2,"input_tokens_details":{"cached_tokens":5}},"user":null,"metadata":{}}`, usage{Input: 4, Output: 2, CacheRead: 5}},
+		{`{"candidates":[],"usageMetadata":{"promptTokenCount":7,"candidatesTokenCount":1}}`, usage{Input: 7, Output: 1}},
+		{`{"text":"no counts here"}`, usage{}},
+	}
+	for _, tc := range cases {
+		b := []byte(tc.body)
+		if len(b) > tailSize {
+			b = b[len(b)-tailSize:]
+		}
+		if got := usageFromTail(b); got != tc.want {
+			t.Errorf("usageFromTail(%.50s…) = %+v; want %+v", tc.body, got, tc.want)
+		}
+	}
+}
+
+func TestErrorShapes(t *testing.T) {
+	for _, p := range []protocol{protoAnthropic, protoOpenAI, protoGemini} {
+		b := errorBody(p, 503, `quote " and newline`+"\n")
+		if e, ok := parseErrorDoc(b); !ok || e.message != `quote " and newline`+"\n" {
+			t.Errorf("%s error body %s does not read back", p, b)
+		}
+		for _, responses := range []bool{false, true} {
+			ev := streamErrorEvent(p, responses, "cut")
+			_, data := lastEvent(ev)
+			if e, ok := parseErrorDoc(data); !ok || e.message != "cut" || !strings.HasSuffix(string(ev), "\n\n") {
+				t.Errorf("%s stream error event %q does not read back", p, ev)
+			}
+		}
+	}
+}
+
+func TestMaskKey(t *testing.T) {
+	for in, want := range map[string]string{
+		"sk-ant-api03-abcdefghijklmnop9Yz": "sk-a…9Yz",
+		"shortkey12":                       "…12",
+		"abc":                              "…",
+	} {
+		if got := maskKey(in); got != want {
+			t.Errorf("maskKey(%q) = %q; want %q", in, got, want)
+		}
+	}
+}
