@@ -33,6 +33,10 @@ type fakeUpstream struct {
 	// ended receives once per request when its handler returns, so tests
 	// can wait for an upstream request to end without polling.
 	ended chan struct{}
+	// noRecord turns off keeping requests, for load runs.
+	noRecord atomic.Bool
+	// conns counts connections accepted, to check connection reuse.
+	conns atomic.Int64
 }
 
 // fakeRequest is what the upstream received.
@@ -80,7 +84,13 @@ const (
 
 func newFakeUpstream(tb testing.TB, name string) *fakeUpstream {
 	f := &fakeUpstream{name: name, release: make(chan struct{}), ended: make(chan struct{}, 1<<16)}
-	f.Server = httptest.NewServer(http.HandlerFunc(f.serve))
+	f.Server = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	f.Server.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			f.conns.Add(1)
+		}
+	}
+	f.Server.Start()
 	tb.Cleanup(func() {
 		f.releaseAll()
 		f.Server.CloseClientConnections()
@@ -154,8 +164,10 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	}()
 	body, _ := io.ReadAll(r.Body)
 	f.mu.Lock()
-	f.reqs = append(f.reqs, fakeRequest{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery,
-		Header: r.Header.Clone(), Body: body, Key: presentedKey(r)})
+	if !f.noRecord.Load() {
+		f.reqs = append(f.reqs, fakeRequest{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery,
+			Header: r.Header.Clone(), Body: body, Key: presentedKey(r)})
+	}
 	behave, release := f.behave, f.release
 	f.mu.Unlock()
 	var b fakeBehavior
@@ -281,7 +293,27 @@ func (b fakeBehavior) deltas() int {
 	return b.Deltas
 }
 
+// fakeCache holds rendered bodies and events, so a load run measures the
+// proxies and not the fake's JSON encoding.
+var fakeCache sync.Map // string -> []byte or *fakeStream
+
+func fakeKey(kind string, p protocol, responses bool, model string, b fakeBehavior) string {
+	return fmt.Sprint(kind, p, responses, model, b.text(), b.deltas())
+}
+
 func (f *fakeUpstream) writeJSON(w http.ResponseWriter, p protocol, responses bool, model string, b fakeBehavior) {
+	key := fakeKey("json", p, responses, model, b)
+	out, ok := fakeCache.Load(key)
+	if !ok {
+		out, _ = fakeCache.LoadOrStore(key, renderJSON(p, responses, model, b))
+	}
+	body := out.([]byte)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.Write(body)
+}
+
+func renderJSON(p protocol, responses bool, model string, b fakeBehavior) []byte {
 	text := strings.Repeat(b.text(), b.deltas())
 	var v any
 	switch {
@@ -311,18 +343,11 @@ func (f *fakeUpstream) writeJSON(w http.ResponseWriter, p protocol, responses bo
 			"modelVersion": model}
 	}
 	out, _ := json.Marshal(v)
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
-	w.Write(out)
+	return out
 }
 
-// sseWriter writes events with real framing and flushes each at once.
-type sseWriter struct {
-	w http.ResponseWriter
-	f http.Flusher
-}
-
-func (s sseWriter) event(name string, data any) {
+// sseEvent renders one event with real framing.
+func sseEvent(name string, data any) []byte {
 	var b bytes.Buffer
 	if name != "" {
 		b.WriteString("event: " + name + "\n")
@@ -336,30 +361,104 @@ func (s sseWriter) event(name string, data any) {
 		b.Write(j)
 		b.WriteString("\n\n")
 	}
-	s.w.Write(b.Bytes())
-	s.f.Flush()
+	return b.Bytes()
 }
 
-func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p protocol, responses bool, model string, b fakeBehavior, release chan struct{}) {
-	w.Header().Set("Content-Type", "text/event-stream")
-	w.Header().Set("Cache-Control", "no-cache")
-	w.WriteHeader(200)
-	s := sseWriter{w, w.(http.Flusher)}
+// fakeStream is one rendered stream: what comes before the content starts
+// (head, where a failing upstream errs or stalls), the start of content
+// (mid), one delta repeated, and the end.
+type fakeStream struct {
+	head, mid [][]byte
+	delta     []byte
+	tail      [][]byte
+}
+
+func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fakeStream {
 	text := b.text()
 	n := b.deltas()
-
-	if p == protoAnthropic {
-		s.event("message_start", map[string]any{"type": "message_start", "message": map[string]any{
+	fs := &fakeStream{}
+	switch {
+	case p == protoAnthropic:
+		fs.head = append(fs.head, sseEvent("message_start", map[string]any{"type": "message_start", "message": map[string]any{
 			"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": []any{},
 			"stop_reason": nil, "stop_sequence": nil,
 			"usage": map[string]any{"input_tokens": fakeInputTokens, "cache_creation_input_tokens": fakeCacheWrite,
-				"cache_read_input_tokens": fakeCacheRead, "output_tokens": 1}}})
+				"cache_read_input_tokens": fakeCacheRead, "output_tokens": 1}}}))
+		fs.mid = append(fs.mid,
+			sseEvent("content_block_start", map[string]any{"type": "content_block_start", "index": 0,
+				"content_block": map[string]any{"type": "text", "text": ""}}),
+			sseEvent("ping", map[string]any{"type": "ping"}))
+		fs.delta = sseEvent("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,
+			"delta": map[string]any{"type": "text_delta", "text": text}})
+		fs.tail = append(fs.tail,
+			sseEvent("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0}),
+			sseEvent("message_delta", map[string]any{"type": "message_delta",
+				"delta": map[string]any{"stop_reason": "end_turn", "stop_sequence": nil},
+				"usage": map[string]any{"output_tokens": fakeOutputTokens}}),
+			sseEvent("message_stop", map[string]any{"type": "message_stop"}))
+	case p == protoOpenAI && responses:
+		fs.head = append(fs.head,
+			sseEvent("response.created", map[string]any{"type": "response.created", "sequence_number": 0,
+				"response": map[string]any{"id": "resp_fake", "object": "response", "status": "in_progress", "model": model, "output": []any{}}}),
+			sseEvent("response.in_progress", map[string]any{"type": "response.in_progress", "sequence_number": 1,
+				"response": map[string]any{"id": "resp_fake", "object": "response", "status": "in_progress", "model": model}}))
+		fs.mid = append(fs.mid, sseEvent("response.output_item.added", map[string]any{"type": "response.output_item.added", "output_index": 0,
+			"item": map[string]any{"id": "msg_fake", "type": "message", "status": "in_progress", "role": "assistant", "content": []any{}}}))
+		fs.delta = sseEvent("response.output_text.delta", map[string]any{"type": "response.output_text.delta",
+			"item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": text})
+		full := strings.Repeat(text, n)
+		fs.tail = append(fs.tail,
+			sseEvent("response.output_text.done", map[string]any{"type": "response.output_text.done", "item_id": "msg_fake",
+				"output_index": 0, "content_index": 0, "text": full}),
+			sseEvent("response.completed", map[string]any{"type": "response.completed", "response": map[string]any{
+				"id": "resp_fake", "object": "response", "status": "completed", "model": model,
+				"output": []any{map[string]any{"type": "message", "role": "assistant",
+					"content": []any{map[string]any{"type": "output_text", "text": full}}}},
+				"usage": map[string]any{"input_tokens": fakeInputTokens + fakeCacheRead, "output_tokens": fakeOutputTokens,
+					"input_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}, "total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens}}}))
+	case p == protoOpenAI:
+		chunk := func(delta map[string]any, finish any) []byte {
+			return sseEvent("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+				"choices": []any{map[string]any{"index": 0, "delta": delta, "finish_reason": finish}}})
+		}
+		fs.mid = append(fs.mid, chunk(map[string]any{"role": "assistant", "content": ""}, nil))
+		fs.delta = chunk(map[string]any{"content": text}, nil)
+		fs.tail = append(fs.tail, chunk(map[string]any{}, "stop"),
+			sseEvent("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+				"choices": []any{}, "usage": map[string]any{"prompt_tokens": fakeInputTokens + fakeCacheRead, "completion_tokens": fakeOutputTokens,
+					"total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens, "prompt_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}}}),
+			sseEvent("", "[DONE]"))
+	default:
+		fs.delta = sseEvent("", map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": text}}, "role": "model"}, "index": 0}},
+			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": 1,
+				"cachedContentTokenCount": fakeCacheRead},
+			"modelVersion": model})
+		fs.tail = append(fs.tail, sseEvent("", map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": ""}}, "role": "model"},
+			"finishReason": "STOP", "index": 0}},
+			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": fakeOutputTokens,
+				"cachedContentTokenCount": fakeCacheRead, "totalTokenCount": fakeInputTokens + fakeCacheRead + fakeOutputTokens},
+			"modelVersion": model}))
 	}
-	if p == protoOpenAI && responses {
-		s.event("response.created", map[string]any{"type": "response.created", "sequence_number": 0,
-			"response": map[string]any{"id": "resp_fake", "object": "response", "status": "in_progress", "model": model, "output": []any{}}})
-		s.event("response.in_progress", map[string]any{"type": "response.in_progress", "sequence_number": 1,
-			"response": map[string]any{"id": "resp_fake", "object": "response", "status": "in_progress", "model": model}})
+	return fs
+}
+
+func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p protocol, responses bool, model string, b fakeBehavior, release chan struct{}) {
+	key := fakeKey("sse", p, responses, model, b)
+	v, ok := fakeCache.Load(key)
+	if !ok {
+		v, _ = fakeCache.LoadOrStore(key, renderStream(p, responses, model, b))
+	}
+	fs := v.(*fakeStream)
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(200)
+	fl := w.(http.Flusher)
+	send := func(ev []byte) {
+		w.Write(ev)
+		fl.Flush()
+	}
+	for _, ev := range fs.head {
+		send(ev)
 	}
 	if b.FirstEventErr {
 		errType := b.ErrType
@@ -368,21 +467,20 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 		}
 		switch {
 		case p == protoAnthropic:
-			s.event("error", map[string]any{"type": "error", "error": map[string]any{"type": errType, "message": "Overloaded"}})
+			send(sseEvent("error", map[string]any{"type": "error", "error": map[string]any{"type": errType, "message": "Overloaded"}}))
 		case responses:
-			s.event("response.failed", map[string]any{"type": "response.failed", "response": map[string]any{
-				"id": "resp_fake", "status": "failed", "error": map[string]any{"code": errType, "message": "Overloaded"}}})
+			send(sseEvent("response.failed", map[string]any{"type": "response.failed", "response": map[string]any{
+				"id": "resp_fake", "status": "failed", "error": map[string]any{"code": errType, "message": "Overloaded"}}}))
 		default:
-			s.event("", map[string]any{"error": map[string]any{"message": "Overloaded", "type": errType, "code": errType}})
+			send(sseEvent("", map[string]any{"error": map[string]any{"message": "Overloaded", "type": errType, "code": errType}}))
 		}
 		return
 	}
 	if b.StallFirst {
 		if p == protoAnthropic {
-			s.event("ping", map[string]any{"type": "ping"})
+			send(sseEvent("ping", map[string]any{"type": "ping"}))
 		} else {
-			w.Write([]byte(": keep-alive\n\n"))
-			s.f.Flush()
+			send([]byte(": keep-alive\n\n"))
 		}
 		select {
 		case <-r.Context().Done():
@@ -390,21 +488,10 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 		}
 		return
 	}
-
-	switch {
-	case p == protoAnthropic:
-		s.event("content_block_start", map[string]any{"type": "content_block_start", "index": 0,
-			"content_block": map[string]any{"type": "text", "text": ""}})
-		s.event("ping", map[string]any{"type": "ping"})
-	case p == protoOpenAI && responses:
-		s.event("response.output_item.added", map[string]any{"type": "response.output_item.added", "output_index": 0,
-			"item": map[string]any{"id": "msg_fake", "type": "message", "status": "in_progress", "role": "assistant", "content": []any{}}})
-	case p == protoOpenAI:
-		s.event("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-			"choices": []any{map[string]any{"index": 0, "delta": map[string]any{"role": "assistant", "content": ""}, "finish_reason": nil}}})
+	for _, ev := range fs.mid {
+		send(ev)
 	}
-
-	for i := range n {
+	for i := range b.deltas() {
 		if i > 0 && b.BlockDeltas != nil {
 			select {
 			case <-b.BlockDeltas:
@@ -415,62 +502,18 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 		if b.CutAfter > 0 && i == b.CutAfter {
 			switch {
 			case b.MidStreamError:
-				s.event("error", map[string]any{"type": "error", "error": map[string]any{"type": "overloaded_error", "message": "Overloaded mid-stream"}})
+				send(sseEvent("error", map[string]any{"type": "error", "error": map[string]any{"type": "overloaded_error", "message": "Overloaded mid-stream"}}))
 				return
 			case b.CutClean:
 				return // the body ends without the terminal event
 			}
 			// Half an event, then the connection drops.
-			w.Write([]byte("event: content_block_delta\ndata: {\"type\":\"content_blo"))
-			s.f.Flush()
+			send([]byte("event: content_block_delta\ndata: {\"type\":\"content_blo"))
 			panic(http.ErrAbortHandler)
 		}
-		switch {
-		case p == protoAnthropic:
-			s.event("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,
-				"delta": map[string]any{"type": "text_delta", "text": text}})
-		case p == protoOpenAI && responses:
-			s.event("response.output_text.delta", map[string]any{"type": "response.output_text.delta",
-				"item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": text})
-		case p == protoOpenAI:
-			s.event("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-				"choices": []any{map[string]any{"index": 0, "delta": map[string]any{"content": text}, "finish_reason": nil}}})
-		default:
-			s.event("", map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": text}}, "role": "model"}, "index": 0}},
-				"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": i + 1,
-					"cachedContentTokenCount": fakeCacheRead},
-				"modelVersion": model})
-		}
+		send(fs.delta)
 	}
-
-	switch {
-	case p == protoAnthropic:
-		s.event("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0})
-		s.event("message_delta", map[string]any{"type": "message_delta",
-			"delta": map[string]any{"stop_reason": "end_turn", "stop_sequence": nil},
-			"usage": map[string]any{"output_tokens": fakeOutputTokens}})
-		s.event("message_stop", map[string]any{"type": "message_stop"})
-	case p == protoOpenAI && responses:
-		s.event("response.output_text.done", map[string]any{"type": "response.output_text.done", "item_id": "msg_fake",
-			"output_index": 0, "content_index": 0, "text": strings.Repeat(text, n)})
-		s.event("response.completed", map[string]any{"type": "response.completed", "response": map[string]any{
-			"id": "resp_fake", "object": "response", "status": "completed", "model": model,
-			"output": []any{map[string]any{"type": "message", "role": "assistant",
-				"content": []any{map[string]any{"type": "output_text", "text": strings.Repeat(text, n)}}}},
-			"usage": map[string]any{"input_tokens": fakeInputTokens + fakeCacheRead, "output_tokens": fakeOutputTokens,
-				"input_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}, "total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens}}})
-	case p == protoOpenAI:
-		s.event("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-			"choices": []any{map[string]any{"index": 0, "delta": map[string]any{}, "finish_reason": "stop"}}})
-		s.event("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-			"choices": []any{}, "usage": map[string]any{"prompt_tokens": fakeInputTokens + fakeCacheRead, "completion_tokens": fakeOutputTokens,
-				"total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens, "prompt_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}}})
-		s.event("", "[DONE]")
-	default:
-		s.event("", map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": ""}}, "role": "model"},
-			"finishReason": "STOP", "index": 0}},
-			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": fakeOutputTokens,
-				"cachedContentTokenCount": fakeCacheRead, "totalTokenCount": fakeInputTokens + fakeCacheRead + fakeOutputTokens},
-			"modelVersion": model})
+	for _, ev := range fs.tail {
+		send(ev)
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strings"
 	"testing"
@@ -29,6 +30,12 @@ func TestInspectBody(t *testing.T) {
 		{`{"model":["a"]}`, "", false, false, "must be a string"},
 		{`[1,2]`, "", false, false, "JSON object"},
 		{`"model"`, "", false, false, "JSON object"},
+		{`{"model":"a",}`, "", false, false, "invalid character '}' looking for beginning of object key string at byte 13"},
+		{`{"model":"a"`, "", false, false, "unexpected end of JSON input"},
+		{`{"model":"a\x"}`, "", false, false, "in string escape code"},
+		{`{"model":"a"} x`, "", false, false, "after top-level value"},
+		{strings.Repeat("[", 10001) + strings.Repeat("]", 10001), "", false, false, "exceeded max depth"},
+		{`{"model":"a","model":"b"}`, "b", true, false, ""},
 	}
 	for _, tc := range cases {
 		info, err := inspectBody([]byte(tc.body))
@@ -47,35 +54,40 @@ func TestInspectBody(t *testing.T) {
 // FuzzInspectBody checks the scanner against encoding/json on any valid
 // JSON object, and that withModel changes nothing but the model.
 func FuzzInspectBody(f *testing.F) {
-	for _, s := range []string{`{"model":"a","stream":true}`, `{"x":{"model":"b"},"model":"c\"d"}`, `{"stream":1}`,
+	for _, s := range []string{`{"model":"a","stream":true}`, `{"a":1e+5,"b":-0.5,"c":[true,false,null]}`, `{"a":01}`,
+		`{"a":"\u00e9\ud83d"}`, `{"a":"tab	in string"}`, `[1,]`, `{"a" 1}`, "\"\xff\"", `{"x":-}`, `{"x":{"model":"b"},"model":"c\"d"}`, `{"stream":1}`,
 		`{"a":[1,{"b":"}"}],"model":"m\\"}`, `{"model":"\ud83d\ude00"}`} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, body string) {
-		if !json.Valid([]byte(body)) {
+		_, err := inspectBody([]byte(body))
+		var se *syntaxError
+		if syntaxOK := !errors.As(err, &se); syntaxOK != json.Valid([]byte(body)) {
+			t.Fatalf("inspectBody(%q): syntax verdict %v (%v); json.Valid says %v", body, syntaxOK, err, !syntaxOK)
+		}
+		if se != nil {
 			return
 		}
-		var want struct {
-			Model  any `json:"model"`
-			Stream any `json:"stream"`
-		}
-		objErr := json.Unmarshal([]byte(body), &want)
+		// A map, not a struct: struct fields match keys case-insensitively,
+		// and the APIs do not.
+		var want map[string]any
 		info, err := inspectBody([]byte(body))
-		if objErr != nil {
-			if err == nil {
-				t.Fatalf("accepted a non-object: %s", body)
+		if !strings.HasPrefix(strings.TrimLeft(body, " \t\r\n"), "{") {
+			if !errors.Is(err, errNotObject) {
+				t.Fatalf("inspectBody(%s) = %v; want errNotObject", body, err)
 			}
 			return
 		}
-		m, isString := want.Model.(string)
+		json.Unmarshal([]byte(body), &want)
+		m, isString := want["model"].(string)
 		if err != nil {
-			if isString || want.Model == nil {
+			if isString || want["model"] == nil {
 				t.Fatalf("inspectBody(%s): %v", body, err)
 			}
 			return
 		}
-		if info.model != m || info.hasModel != isString || info.stream != (want.Stream == true) {
-			t.Fatalf("inspectBody(%s) = %+v; encoding/json says model %v stream %v", body, info, want.Model, want.Stream)
+		if info.model != m || info.hasModel != isString || info.stream != (want["stream"] == true) {
+			t.Fatalf("inspectBody(%s) = %+v; encoding/json says model %v stream %v", body, info, want["model"], want["stream"])
 		}
 		if info.hasModel {
 			out := withModel([]byte(body), info, "new-model")

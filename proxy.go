@@ -189,12 +189,13 @@ func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if len(body) > 0 {
-		if !json.Valid(body) {
-			rl.reject(w, x, http.StatusBadRequest, "request body is not valid JSON: "+jsonSyntaxError(body))
-			return
-		}
 		info, err := inspectBody(body)
 		if err != nil {
+			var se *syntaxError
+			if errors.As(err, &se) {
+				rl.reject(w, x, http.StatusBadRequest, "request body is not valid JSON: "+se.Error())
+				return
+			}
 			rl.reject(w, x, http.StatusBadRequest, err.Error())
 			return
 		}
@@ -241,19 +242,6 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, erro
 		return b, nil
 	}
 	return io.ReadAll(rd)
-}
-
-func jsonSyntaxError(body []byte) string {
-	var v any
-	err := json.Unmarshal(body, &v)
-	var se *json.SyntaxError
-	if errors.As(err, &se) {
-		return fmt.Sprintf("%s (at byte %d)", se.Error(), se.Offset)
-	}
-	if err != nil {
-		return err.Error()
-	}
-	return "unknown error"
 }
 
 // rewrite prepares the outbound request once; each attempt then sets its
