@@ -10,27 +10,49 @@ import (
 	"time"
 )
 
-// Cooldown bases and cap. A failure that is likely to pass by itself (a 5xx,
-// a reset connection) starts at transientBase; one that a person must fix (a
-// revoked key, a model the channel does not have) starts at persistentBase.
-// Each consecutive failure doubles the wait, up to cooldownCap. A reset time
-// the upstream gives (Retry-After and kin) replaces the computed wait, but
-// never beyond maxUpstreamWait, which guards against nonsense headers.
-const (
-	transientBase   = 30 * time.Second
-	persistentBase  = 5 * time.Minute
-	cooldownCap     = 30 * time.Minute
-	maxUpstreamWait = 24 * time.Hour
+// cooldownPolicy sets how long failures cool. A failure likely to pass by
+// itself (a 5xx, a reset connection) starts at Transient; one a person must
+// fix (a revoked key, a model the channel does not have) at Persistent. Each
+// consecutive failure doubles the wait, up to Cap. A reset time the upstream
+// gives (Retry-After and kin) replaces the computed wait, up to
+// MaxUpstreamWait, which guards against nonsense headers.
+type cooldownPolicy struct {
+	Transient       time.Duration
+	Persistent      time.Duration
+	Cap             time.Duration
+	MaxUpstreamWait time.Duration
+}
+
+// defaultCooldownPolicy is SPEC §3.
+var defaultCooldownPolicy = cooldownPolicy{
+	Transient:       30 * time.Second,
+	Persistent:      5 * time.Minute,
+	Cap:             30 * time.Minute,
+	MaxUpstreamWait: 24 * time.Hour,
+}
+
+// The defaults by name, for messages and tests.
+var (
+	transientBase  = defaultCooldownPolicy.Transient
+	persistentBase = defaultCooldownPolicy.Persistent
 )
 
 // backoff is the wait after the n-th consecutive failure (n >= 1).
-func backoff(base time.Duration, n int) time.Duration {
+func backoff(base, limit time.Duration, n int) time.Duration {
 	d := base
-	for i := 1; i < n && d < cooldownCap; i++ {
+	for i := 1; i < n && d < limit; i++ {
 		d *= 2
 	}
-	return min(d, cooldownCap)
+	return min(d, limit)
 }
+
+// failClass sorts failures by how soon they are likely to pass.
+type failClass uint8
+
+const (
+	transient failClass = iota
+	persistent
+)
 
 // scope says what a failure is blamed on.
 type scope uint8
@@ -49,7 +71,8 @@ func (s scope) String() string {
 // verdict is what the proxy concluded from one attempt.
 type verdict struct {
 	scope  scope
-	base   time.Duration // backoff base for this kind of failure
+	class  failClass     // picks the backoff base from the policy
+	base   time.Duration // overrides the policy's base when > 0
 	wait   time.Duration // the upstream's own reset time; wins when > 0
 	status int           // upstream status, or a synthetic one (502 for a dead connection)
 	reason string        // short, for the log and the admin
@@ -122,7 +145,8 @@ func (h *channelHealth) blockedUntil(model string, now int64) int64 {
 // cooldowns is the registry of every channel's health, plus the queue of
 // changes waiting to be persisted.
 type cooldowns struct {
-	now func() time.Time
+	now    func() time.Time
+	policy cooldownPolicy
 
 	mu   sync.Mutex // guards byID
 	byID map[int64]*channelHealth
@@ -147,6 +171,7 @@ type cooldownKey struct {
 func newCooldowns(now func() time.Time) *cooldowns {
 	return &cooldowns{
 		now:     now,
+		policy:  defaultCooldownPolicy,
 		byID:    make(map[int64]*channelHealth),
 		pending: make(map[cooldownKey]cooldownRecord),
 		wake:    make(chan struct{}, 1),
@@ -276,9 +301,16 @@ func (c *cooldowns) fail(h *channelHealth, keyIndex int, model string, v verdict
 		return now
 	}
 	s.failures++
-	d := backoff(v.base, s.failures)
+	base := v.base
+	if base <= 0 {
+		base = c.policy.Transient
+		if v.class == persistent {
+			base = c.policy.Persistent
+		}
+	}
+	d := backoff(base, c.policy.Cap, s.failures)
 	if v.wait > 0 {
-		d = min(v.wait, maxUpstreamWait)
+		d = min(v.wait, c.policy.MaxUpstreamWait)
 	}
 	until := now.Add(d)
 	s.reason, s.status = v.reason, v.status

@@ -23,7 +23,7 @@ func TestBackoff(t *testing.T) {
 		{persistentBase, 4, 30 * time.Minute},
 	}
 	for _, tc := range cases {
-		if got := backoff(tc.base, tc.n); got != tc.want {
+		if got := backoff(tc.base, defaultCooldownPolicy.Cap, tc.n); got != tc.want {
 			t.Errorf("backoff(%s, %d) = %s; want %s", tc.base, tc.n, got, tc.want)
 		}
 	}
@@ -54,7 +54,7 @@ func TestCooldownScopesAndDoubling(t *testing.T) {
 		{transient, time.Minute},
 		{transient, 2 * time.Minute},
 		{verdict{scope: scopeChannel, base: transientBase, wait: 90 * time.Second}, 90 * time.Second}, // upstream's time wins
-		{verdict{scope: scopeChannel, base: transientBase, wait: 72 * time.Hour}, maxUpstreamWait},    // but not nonsense
+		{verdict{scope: scopeChannel, base: transientBase, wait: 72 * time.Hour}, 24 * time.Hour},     // but not nonsense
 	}
 	for i, s := range steps {
 		until := c.fail(h, -1, "", s.v)

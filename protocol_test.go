@@ -169,7 +169,7 @@ func TestClassifyStatus(t *testing.T) {
 			t.Errorf("classifyStatus(%d) = %s; want %s", status, got, want)
 		}
 	}
-	if classifyStatus(401).base != persistentBase || classifyStatus(429).base != transientBase || classifyStatus(503).base != transientBase {
+	if classifyStatus(401).class != persistent || classifyStatus(429).class != transient || classifyStatus(503).class != transient {
 		t.Error("backoff bases")
 	}
 }

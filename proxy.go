@@ -406,10 +406,10 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 			return nil, verdict{}, errClientGone
 		}
 		if context.Cause(actx) == errFirstByteTimeout {
-			return nil, verdict{scope: scopeChannel, base: transientBase, status: http.StatusGatewayTimeout,
+			return nil, verdict{scope: scopeChannel, class: transient, status: http.StatusGatewayTimeout,
 				reason: fmt.Sprintf("no response within %s", wait)}, nil
 		}
-		return nil, verdict{scope: scopeChannel, base: transientBase, status: http.StatusBadGateway,
+		return nil, verdict{scope: scopeChannel, class: transient, status: http.StatusBadGateway,
 			reason: "request failed: " + shortError(err)}, nil
 	}
 
@@ -435,9 +435,9 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	ue, isDoc := parseErrorDoc(body)
 	if res.StatusCode == http.StatusNotFound {
 		if isDoc {
-			v = verdict{scope: scopeModel, base: persistentBase, reason: "model not found"}
+			v = verdict{scope: scopeModel, class: persistent, reason: "model not found"}
 		} else {
-			v = verdict{scope: scopeChannel, base: transientBase, reason: "404 without an API error body (wrong URL or broken relay?)"}
+			v = verdict{scope: scopeChannel, class: transient, reason: "404 without an API error body (wrong URL or broken relay?)"}
 		}
 	}
 	v.status = res.StatusCode
@@ -461,7 +461,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		if ctx.Err() != nil {
 			return nil, verdict{}, errClientGone
 		}
-		return nil, verdict{scope: scopeChannel, base: transientBase, status: status, reason: reason}, nil
+		return nil, verdict{scope: scopeChannel, class: transient, status: status, reason: reason}, nil
 	}
 	ct, _, _ := mime.ParseMediaType(res.Header.Get("Content-Type"))
 	if ct == "text/event-stream" {
@@ -534,7 +534,7 @@ func (rl *relay) badOK(x *exchange, e *channelEntry, k int, res *http.Response, 
 	v.status = ue.status
 	v.reason = "error in a 200 response: " + truncate(ue.message, 160)
 	if ue.status == http.StatusNotFound {
-		v.scope, v.base = scopeModel, persistentBase
+		v.scope, v.class = scopeModel, persistent
 	}
 	synth := bufferedResponse(&http.Response{
 		Status:     fmt.Sprintf("%d %s", ue.status, http.StatusText(ue.status)),
@@ -584,14 +584,14 @@ func (rl *relay) settle(x *exchange, e *channelEntry, k int, end streamEnd) {
 		x.status, x.errText = 499, "client disconnected"
 	case end.err != nil:
 		x.status, x.errText = http.StatusBadGateway, "upstream failed mid-response: "+shortError(end.err)
-		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, base: transientBase, status: x.status, reason: "cut mid-stream"})
+		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, class: transient, status: x.status, reason: "cut mid-stream"})
 	case end.incomplete:
 		x.status, x.errText = http.StatusBadGateway, "upstream closed the stream before it finished"
-		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, base: transientBase, status: x.status, reason: "stream ended early"})
+		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, class: transient, status: x.status, reason: "stream ended early"})
 	case end.lateErr != nil:
 		v := classifyStatus(end.lateErr.status)
 		if v.scope == scopeNone {
-			v = verdict{scope: scopeChannel, base: transientBase}
+			v = verdict{scope: scopeChannel, class: transient}
 		}
 		v.status, v.reason = end.lateErr.status, "error event mid-stream: "+truncate(end.lateErr.message, 160)
 		x.status, x.errText = end.lateErr.status, v.reason
@@ -604,13 +604,13 @@ func (rl *relay) settle(x *exchange, e *channelEntry, k int, end streamEnd) {
 func classifyStatus(status int) verdict {
 	switch {
 	case status == 401 || status == 402 || status == 403:
-		return verdict{scope: scopeKey, base: persistentBase}
+		return verdict{scope: scopeKey, class: persistent}
 	case status == 429:
-		return verdict{scope: scopeKey, base: transientBase}
+		return verdict{scope: scopeKey, class: transient}
 	case status == 404:
-		return verdict{scope: scopeChannel, base: transientBase}
+		return verdict{scope: scopeChannel, class: transient}
 	case status == 408 || status >= 500:
-		return verdict{scope: scopeChannel, base: transientBase}
+		return verdict{scope: scopeChannel, class: transient}
 	}
 	return verdict{scope: scopeNone}
 }
