@@ -21,6 +21,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode"
 )
 
 const (
@@ -597,6 +598,11 @@ func applyChannelInput(c *Channel, in map[string]json.RawMessage, create bool) e
 		}
 		if len(s) > 100 {
 			return badRequest("name is longer than 100 characters")
+		}
+		// A NUL ends SQLite's NOCASE comparison, so such names would clash
+		// in the UNIQUE index; line breaks and the like only garble tables.
+		if strings.ContainsFunc(s, unicode.IsControl) {
+			return badRequest("name must not contain control characters (line breaks, tabs, NUL…)")
 		}
 		c.Name = s
 	}
