@@ -382,6 +382,10 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	mux.Handle("POST /login", ad.handleLogin())
 	mux.Handle("POST /logout", ad.handleLogout())
 
+	// The web admin; "/" sends a browser there.
+	mux.Handle("GET /web/", newWebHandler(webStatic()))
+	mux.Handle("GET /{$}", http.RedirectHandler("/web/", http.StatusFound))
+
 	admin := func(pattern string, h http.Handler) { mux.Handle(pattern, ad.requireSession(h)) }
 	admin("GET /admin/channels", ad.handleListChannels())
 	admin("POST /admin/channels", ad.handleCreateChannel())
@@ -390,6 +394,8 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("DELETE /admin/channels/{id}", ad.handleDeleteChannel())
 	admin("DELETE /admin/channels/{id}/cooldown", ad.handleClearCooldown())
 	admin("POST /admin/channels/{id}/test", ad.handleTestChannel())
+	admin("GET /admin/channels/export", ad.handleExportChannels())
+	admin("POST /admin/channels/import", ad.handleImportChannels())
 	admin("GET /admin/summary", ad.handleSummary())
 	admin("GET /admin/redis", ad.handleRedisStatus())
 	admin("GET /admin/logs", ad.handleLogs())
