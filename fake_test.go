@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // fakeUpstream is a faithful stand-in for the Anthropic, OpenAI (chat and
@@ -37,6 +38,8 @@ type fakeUpstream struct {
 	noRecord atomic.Bool
 	// conns counts connections accepted, to check connection reuse.
 	conns atomic.Int64
+	// cuts counts streams this upstream broke off after content began.
+	cuts atomic.Int64
 }
 
 // fakeRequest is what the upstream received.
@@ -67,8 +70,9 @@ type fakeBehavior struct {
 	HTMLBody       bool // 200 with an HTML page
 	ErrorIn200     bool // non-stream: 200 whose JSON body is an error
 
-	Deltas int    // content deltas in a stream (default 3)
-	Text   string // text of each delta (default "Hello")
+	Deltas     int           // content deltas in a stream (default 3)
+	DeltaDelay time.Duration // slow mode: wait this long before each delta after the first
+	Text       string        // text of each delta (default "Hello")
 	// BlockDeltas, when set, is received from before each delta after the
 	// first: tests pace a stream without sleeping.
 	BlockDeltas chan struct{}
@@ -499,7 +503,15 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 				return
 			}
 		}
+		if i > 0 && b.DeltaDelay > 0 {
+			select {
+			case <-time.After(b.DeltaDelay):
+			case <-r.Context().Done():
+				return
+			}
+		}
 		if b.CutAfter > 0 && i == b.CutAfter {
+			f.cuts.Add(1)
 			switch {
 			case b.MidStreamError:
 				send(sseEvent("error", map[string]any{"type": "error", "error": map[string]any{"type": "overloaded_error", "message": "Overloaded mid-stream"}}))
