@@ -22,6 +22,7 @@ import (
 	"sync"
 	"time"
 	"unicode"
+	"unicode/utf8"
 )
 
 const (
@@ -596,7 +597,7 @@ func applyChannelInput(c *Channel, in map[string]json.RawMessage, create bool) e
 		if s == "" {
 			return badRequest("name is required")
 		}
-		if len(s) > 100 {
+		if utf8.RuneCountInString(s) > 100 {
 			return badRequest("name is longer than 100 characters")
 		}
 		// A NUL ends SQLite's NOCASE comparison, so such names would clash
@@ -725,25 +726,31 @@ func keysInput(in map[string]json.RawMessage) ([]string, bool, error) {
 }
 
 // unmaskKeys lets a client send back the masked keys it was shown: each
-// masked entry stands for the stored key it masks.
+// masked entry stands for the stored key it masks. Two keys can share a
+// mask, so the key at the same position is preferred, and no stored key
+// stands in twice.
 func unmaskKeys(keys, stored []string) ([]string, error) {
 	out := make([]string, 0, len(keys))
+	used := make([]bool, len(stored))
 	for i, k := range keys {
 		if !strings.Contains(k, "…") {
 			out = append(out, k)
 			continue
 		}
-		found := false
-		for _, s := range stored {
-			if maskKey(s) == k {
-				out = append(out, s)
-				found = true
-				break
+		match := -1
+		if i < len(stored) && !used[i] && maskKey(stored[i]) == k {
+			match = i
+		}
+		for j := 0; match < 0 && j < len(stored); j++ {
+			if !used[j] && maskKey(stored[j]) == k {
+				match = j
 			}
 		}
-		if !found {
+		if match < 0 {
 			return nil, badRequest("api_keys[%d] %q is a masked key that matches no stored key: send the full key", i, k)
 		}
+		used[match] = true
+		out = append(out, stored[match])
 	}
 	return dedupe(out), nil
 }
@@ -1125,14 +1132,19 @@ func (a *admin) handleLogs() http.Handler {
 			writeAPIError(w, r, err)
 			return
 		}
+		// One row more than asked says whether an older page exists, so
+		// next_before_id never leads to an empty page.
+		limit := f.Limit
+		f.Limit++
 		rows, total, err := a.store.QueryLogs(r.Context(), f)
 		if err != nil {
 			writeAPIError(w, r, err)
 			return
 		}
 		var next *int64
-		if len(rows) == f.Limit {
-			id := rows[len(rows)-1].ID
+		if len(rows) > limit {
+			rows = rows[:limit]
+			id := rows[limit-1].ID
 			next = &id
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"logs": rows, "total": total, "next_before_id": next})

@@ -432,6 +432,14 @@ func TestLogsEndpoint(t *testing.T) {
 	if len(seen) != 8 {
 		t.Errorf("paging saw %d rows; want 8", len(seen))
 	}
+	// A last page that is exactly full says there is nothing older.
+	p1 := get("?limit=4")
+	if p1.NextBeforeID == nil {
+		t.Fatal("first of two full pages has no next_before_id")
+	}
+	if p2 := get(fmt.Sprintf("?limit=4&before_id=%d", *p1.NextBeforeID)); len(p2.Logs) != 4 || p2.NextBeforeID != nil {
+		t.Errorf("last full page: %d rows, next %v; want 4 rows and no next", len(p2.Logs), p2.NextBeforeID)
+	}
 	future := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
 	if p := get("?since=" + future); p.Total != 0 {
 		t.Errorf("since future: %d", p.Total)
@@ -577,5 +585,39 @@ func TestMetricsNeedTokenFromAfar(t *testing.T) {
 		if rec.Code != tc.status {
 			t.Errorf("%s %q: %d; want %d", tc.remote, tc.auth, rec.Code, tc.status)
 		}
+	}
+}
+
+func TestUnmaskKeysSameMask(t *testing.T) {
+	// Two keys that look alike once masked.
+	stored := []string{"sk-a-one-key-9Yz", "sk-a-two-key-9Yz", "sk-other-123456"}
+	if maskKey(stored[0]) != maskKey(stored[1]) {
+		t.Fatal("test keys should share a mask")
+	}
+	m := maskKey(stored[0])
+	got, err := unmaskKeys([]string{m, m, "sk-new-key-000000"}, stored)
+	if err != nil || strings.Join(got, ",") != "sk-a-one-key-9Yz,sk-a-two-key-9Yz,sk-new-key-000000" {
+		t.Errorf("both masked keys sent back: %v, %v", got, err)
+	}
+	// Dropping the first: the second mask, at index 0 now, still finds an
+	// unused key rather than collapsing onto one.
+	got, err = unmaskKeys([]string{m, maskKey(stored[2])}, stored)
+	if err != nil || strings.Join(got, ",") != "sk-a-one-key-9Yz,sk-other-123456" {
+		t.Errorf("got %v, %v", got, err)
+	}
+	if _, err := unmaskKeys([]string{m, m, m}, stored); err == nil {
+		t.Error("a third copy of a mask matched a key already used")
+	}
+}
+
+func TestChannelNameLengthCountsCharacters(t *testing.T) {
+	e := newTestEnv(t)
+	tok := e.login()
+	name := strings.Repeat("渠", 100)
+	if st, body := e.admin(tok, "POST", "/admin/channels", `{"name":"`+name+`","url":"https://a.example","api_key":"sk-123456789012"}`); st != 201 {
+		t.Errorf("100 Chinese characters: %d %s", st, body)
+	}
+	if st, _ := e.admin(tok, "POST", "/admin/channels", `{"name":"`+name+`渠","url":"https://a.example","api_key":"sk-123456789012"}`); st != 400 {
+		t.Errorf("101 characters: %d; want 400", st)
 	}
 }

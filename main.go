@@ -296,9 +296,9 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		if a.mirror, err = newRedisMirror(cfg.RedisURL, store); err != nil {
 			return fail(err)
 		}
-		if err := a.mirror.restoreOrSeed(ctx); err != nil {
-			slog.Error("redis mirror: start-up sync failed; continuing with the database", "err", err)
-		}
+		// A failure is logged by the mirror, once, and retried by its
+		// writer; start-up goes on with the database.
+		a.mirror.restoreOrSeed(ctx)
 	}
 	chs, err := store.ListChannels(ctx)
 	if err != nil {
