@@ -992,7 +992,7 @@ type summary struct {
 func (a *admin) summary(ctx context.Context) (summary, error) {
 	s := summary{WindowHours: 24}
 	var err error
-	s.Requests, s.Success, err = a.store.CountRequests(ctx, a.now().Add(-24*time.Hour))
+	s.Requests, s.Success, err = a.store.CountRequests(ctx, windowStart(a.now(), 24))
 	if err != nil {
 		return s, err
 	}
@@ -1030,14 +1030,6 @@ func (a *admin) handleHealthz() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok", "version": version})
 	})
-}
-
-// CountRequests returns how many requests were logged since t, and how many
-// of them succeeded.
-func (s *Store) CountRequests(ctx context.Context, since time.Time) (total, success int64, err error) {
-	err = s.rdb.QueryRowContext(ctx, `SELECT count(*), coalesce(sum(status >= 200 AND status < 300), 0)
-		FROM logs WHERE time >= ?`, since.UnixMilli()).Scan(&total, &success)
-	return total, success, err
 }
 
 func (a *admin) handleRedisStatus() http.Handler {
@@ -1163,12 +1155,13 @@ func (a *admin) handleStats() http.Handler {
 		for _, c := range a.sel.current().all {
 			names[c.ID] = c.Name
 		}
-		chs, models, err := a.store.Stats(r.Context(), a.now().Add(-time.Duration(hours)*time.Hour), names)
+		since := windowStart(a.now(), hours)
+		chs, models, err := a.store.Stats(r.Context(), since, names)
 		if err != nil {
 			writeAPIError(w, r, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, stats{Hours: hours, Channels: chs, Models: models})
+		writeJSON(w, http.StatusOK, stats{Hours: hours, Since: since, Channels: chs, Models: models})
 	})
 }
 

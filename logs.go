@@ -3,6 +3,9 @@ package main
 import (
 	"cmp"
 	"context"
+	"database/sql"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -175,6 +178,7 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 		return err
 	}
 	defer stmt.Close()
+	groups := map[rollupKey]*rollup{}
 	for i := range entries {
 		e := &entries[i]
 		if _, err := stmt.ExecContext(ctx, e.Time.UnixMilli(), e.Token, e.Protocol, e.Model, e.UpstreamModel,
@@ -182,8 +186,226 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 			e.InputTokens, e.OutputTokens, e.CacheRead, e.CacheWrite, e.ClientIP, e.Error); err != nil {
 			return fmt.Errorf("insert log: %w", err)
 		}
+		k := rollupKey{hour: hourOf(e.Time), channelID: e.ChannelID, model: e.Model}
+		g := groups[k]
+		if g == nil {
+			g = &rollup{}
+			groups[k] = g
+		}
+		g.name = e.ChannelName
+		g.addEntry(e)
+	}
+	if err := writeRollups(ctx, tx, groups); err != nil {
+		return err
 	}
 	return tx.Commit()
+}
+
+// hourOf is the start of t's hour, in Unix milliseconds.
+func hourOf(t time.Time) int64 { return t.UnixMilli() - t.UnixMilli()%3_600_000 }
+
+type rollupKey struct {
+	hour      int64
+	channelID int64
+	model     string
+}
+
+// rollup is one row of log_hourly, or the sum of several.
+type rollup struct {
+	name                                  string
+	requests, ok, clientErr, cancel, srv  int64
+	dur, fb, in, out, cacheRead, cacheWri int64
+	hist                                  durationHist
+}
+
+func (g *rollup) addEntry(e *logEntry) {
+	g.requests++
+	switch s := e.Status; {
+	case s >= 200 && s < 300:
+		g.ok++
+	case s == 499:
+		g.cancel++
+	case s >= 400 && s < 500:
+		g.clientErr++
+	case s >= 500:
+		g.srv++
+	}
+	g.dur += e.DurationMS
+	g.fb += e.FirstByteMS
+	g.in += e.InputTokens
+	g.out += e.OutputTokens
+	g.cacheRead += e.CacheRead
+	g.cacheWri += e.CacheWrite
+	g.hist.add(e.DurationMS)
+}
+
+func (g *rollup) merge(o *rollup) {
+	g.requests += o.requests
+	g.ok += o.ok
+	g.clientErr += o.clientErr
+	g.cancel += o.cancel
+	g.srv += o.srv
+	g.dur += o.dur
+	g.fb += o.fb
+	g.in += o.in
+	g.out += o.out
+	g.cacheRead += o.cacheRead
+	g.cacheWri += o.cacheWri
+	g.hist.merge(o.hist)
+}
+
+// writeRollups adds a batch's groups to log_hourly.
+func writeRollups(ctx context.Context, tx *sql.Tx, groups map[rollupKey]*rollup) error {
+	for k, g := range groups {
+		var old []byte
+		err := tx.QueryRowContext(ctx, `SELECT durations FROM log_hourly WHERE hour = ? AND channel_id = ? AND model = ?`,
+			k.hour, k.channelID, k.model).Scan(&old)
+		if err != nil && !errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("read rollup: %w", err)
+		}
+		if len(old) > 0 {
+			var h durationHist
+			if err := h.decode(old); err != nil {
+				return fmt.Errorf("rollup %d/%d/%q: %w", k.hour, k.channelID, k.model, err)
+			}
+			g.hist.merge(h)
+		}
+		_, err = tx.ExecContext(ctx, `INSERT INTO log_hourly (hour, channel_id, model, channel_name, requests, ok,
+			client_errors, cancelled, server_errors, duration_ms, first_byte_ms, input_tokens, output_tokens,
+			cache_read_tokens, cache_write_tokens, durations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT (hour, channel_id, model) DO UPDATE SET channel_name = excluded.channel_name,
+			requests = requests + excluded.requests, ok = ok + excluded.ok,
+			client_errors = client_errors + excluded.client_errors, cancelled = cancelled + excluded.cancelled,
+			server_errors = server_errors + excluded.server_errors, duration_ms = duration_ms + excluded.duration_ms,
+			first_byte_ms = first_byte_ms + excluded.first_byte_ms, input_tokens = input_tokens + excluded.input_tokens,
+			output_tokens = output_tokens + excluded.output_tokens,
+			cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
+			cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, durations = excluded.durations`,
+			k.hour, k.channelID, k.model, g.name, g.requests, g.ok, g.clientErr, g.cancel, g.srv, g.dur, g.fb,
+			g.in, g.out, g.cacheRead, g.cacheWri, g.hist.encode())
+		if err != nil {
+			return fmt.Errorf("write rollup: %w", err)
+		}
+	}
+	return nil
+}
+
+// durationHist counts durations (ms) in log-spaced buckets 10% wide, from
+// 10 ms to about 3 hours, so a percentile read from it is within 10% of
+// the exact one. It is stored sparse: a few dozen bytes per hour and group.
+type durationHist struct {
+	counts []int64 // nil when empty; else len(histBounds)
+}
+
+// histBounds[k] is the upper bound (ms) of bucket k; the last bucket also
+// takes everything longer.
+var histBounds = func() []int64 {
+	var b []int64
+	for v := 10.0; v < 1.2e7; v *= 1.1 {
+		b = append(b, int64(math.Ceil(v)))
+	}
+	return b
+}()
+
+func histBucket(ms int64) int {
+	if ms <= histBounds[0] {
+		return 0
+	}
+	k := int(math.Ceil(math.Log(float64(ms)/10) / math.Log(1.1)))
+	k = max(0, min(k, len(histBounds)-1))
+	// Float rounding can land one off either way.
+	for k > 0 && histBounds[k-1] >= ms {
+		k--
+	}
+	for k < len(histBounds)-1 && histBounds[k] < ms {
+		k++
+	}
+	return k
+}
+
+func (h *durationHist) add(ms int64) {
+	if h.counts == nil {
+		h.counts = make([]int64, len(histBounds))
+	}
+	h.counts[histBucket(ms)]++
+}
+
+func (h *durationHist) merge(o durationHist) {
+	if o.counts == nil {
+		return
+	}
+	if h.counts == nil {
+		h.counts = make([]int64, len(histBounds))
+	}
+	for i, c := range o.counts {
+		h.counts[i] += c
+	}
+}
+
+// encode writes (bucket gap, count) uvarint pairs for non-empty buckets.
+func (h *durationHist) encode() []byte {
+	out := []byte{}
+	last := -1
+	for i, c := range h.counts {
+		if c == 0 {
+			continue
+		}
+		out = binary.AppendUvarint(out, uint64(i-last))
+		out = binary.AppendUvarint(out, uint64(c))
+		last = i
+	}
+	return out
+}
+
+func (h *durationHist) decode(b []byte) error {
+	at := -1
+	for len(b) > 0 {
+		gap, n := binary.Uvarint(b)
+		if n <= 0 {
+			return errors.New("corrupt duration histogram")
+		}
+		b = b[n:]
+		c, n := binary.Uvarint(b)
+		if n <= 0 {
+			return errors.New("corrupt duration histogram")
+		}
+		b = b[n:]
+		at += int(gap)
+		if at < 0 || at >= len(histBounds) {
+			return errors.New("duration histogram bucket out of range")
+		}
+		if h.counts == nil {
+			h.counts = make([]int64, len(histBounds))
+		}
+		h.counts[at] += int64(c)
+	}
+	return nil
+}
+
+// quantile estimates the q-th quantile, interpolating inside its bucket.
+func (h *durationHist) quantile(q float64) int64 {
+	var total int64
+	for _, c := range h.counts {
+		total += c
+	}
+	if total == 0 {
+		return 0
+	}
+	target := q * float64(total)
+	var cum int64
+	for k, c := range h.counts {
+		if c == 0 || float64(cum+c) < target {
+			cum += c
+			continue
+		}
+		lo := int64(0)
+		if k > 0 {
+			lo = histBounds[k-1]
+		}
+		frac := (target - float64(cum)) / float64(c)
+		return lo + int64(math.Round(frac*float64(histBounds[k]-lo)))
+	}
+	return histBounds[len(histBounds)-1]
 }
 
 // logFilter selects rows of the request log.
@@ -229,9 +451,9 @@ func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, er
 		where += " AND time < ?"
 		args = append(args, f.Until.UnixMilli())
 	}
-	var total int
-	if err := s.rdb.QueryRowContext(ctx, "SELECT count(*) FROM logs "+where, args...).Scan(&total); err != nil {
-		return nil, 0, fmt.Errorf("count logs: %w", err)
+	total, err := s.countLogs(ctx, f, where, args)
+	if err != nil {
+		return nil, 0, err
 	}
 	pageWhere, pageArgs := where, args
 	if f.BeforeID > 0 {
@@ -265,6 +487,46 @@ func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, er
 	return out, total, rows.Err()
 }
 
+// countLogs counts the rows f selects. A filter the hourly rollups can
+// answer (by channel, model and status class, over whole hours) is counted
+// there, at a cost that does not grow with the log; anything finer counts
+// the rows themselves.
+func (s *Store) countLogs(ctx context.Context, f logFilter, where string, args []any) (int, error) {
+	aligned := func(t time.Time) bool { return t.IsZero() || t.UnixMilli()%3_600_000 == 0 }
+	if f.Status == 0 && aligned(f.Since) && aligned(f.Until) {
+		col := map[int]string{0: "requests", 2: "ok", 4: "client_errors + cancelled", 5: "server_errors", -1: "requests - ok"}[f.StatusClass]
+		if col != "" {
+			q, qa := "SELECT coalesce(sum("+col+"), 0) FROM log_hourly WHERE 1=1", []any{}
+			if f.ChannelID != 0 {
+				q += " AND channel_id = ?"
+				qa = append(qa, f.ChannelID)
+			}
+			if f.Model != "" {
+				q += " AND model = ?"
+				qa = append(qa, f.Model)
+			}
+			if !f.Since.IsZero() {
+				q += " AND hour >= ?"
+				qa = append(qa, f.Since.UnixMilli())
+			}
+			if !f.Until.IsZero() {
+				q += " AND hour < ?"
+				qa = append(qa, f.Until.UnixMilli())
+			}
+			var n int
+			if err := s.rdb.QueryRowContext(ctx, q, qa...).Scan(&n); err != nil {
+				return 0, fmt.Errorf("count logs: %w", err)
+			}
+			return n, nil
+		}
+	}
+	var n int
+	if err := s.rdb.QueryRowContext(ctx, "SELECT count(*) FROM logs "+where, args...).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count logs: %w", err)
+	}
+	return n, nil
+}
+
 // DeleteLogsBefore removes rows older than t in small chunks, so the writer
 // is never locked out for long. It returns how many rows went.
 func (s *Store) DeleteLogsBefore(ctx context.Context, t time.Time) (int64, error) {
@@ -278,6 +540,12 @@ func (s *Store) DeleteLogsBefore(ctx context.Context, t time.Time) (int64, error
 		n, _ := res.RowsAffected()
 		total += n
 		if n < 5000 {
+			// Rollups go by whole hours: the hour t falls in stays until
+			// all of it is older than t.
+			_, err := s.db.ExecContext(ctx, `DELETE FROM log_hourly WHERE hour + 3600000 <= ?`, t.UnixMilli())
+			if err != nil {
+				return total, fmt.Errorf("delete old rollups: %w", err)
+			}
 			return total, nil
 		}
 	}
@@ -325,60 +593,43 @@ type statsRow struct {
 	CacheReadTokens int64   `json:"cache_read_tokens"`
 	CacheWriteToks  int64   `json:"cache_write_tokens"`
 
-	durations []int64 // for p95; not serialised
-	durSum    int64
-	fbSum     int64
-}
-
-func (r *statsRow) add(status int, dur, fb, in, out, cr, cw int64) {
-	r.Requests++
-	if status >= 200 && status < 300 {
-		r.Success++
-	}
-	r.durations = append(r.durations, dur)
-	r.durSum += dur
-	r.fbSum += fb
-	r.InputTokens += in
-	r.OutputTokens += out
-	r.CacheReadTokens += cr
-	r.CacheWriteToks += cw
+	sum rollup // not serialised
 }
 
 func (r *statsRow) finish() {
-	r.Errors = r.Requests - r.Success
-	if r.Requests > 0 {
-		r.SuccessRate = float64(r.Success) / float64(r.Requests)
-		r.AvgMS = float64(r.durSum) / float64(r.Requests)
-		r.AvgFirstByteMS = float64(r.fbSum) / float64(r.Requests)
-		r.P95MS = percentile(r.durations, 0.95)
+	g := &r.sum
+	r.Requests, r.Success, r.Errors = g.requests, g.ok, g.requests-g.ok
+	r.InputTokens, r.OutputTokens, r.CacheReadTokens, r.CacheWriteToks = g.in, g.out, g.cacheRead, g.cacheWri
+	if g.requests > 0 {
+		r.SuccessRate = float64(g.ok) / float64(g.requests)
+		r.AvgMS = float64(g.dur) / float64(g.requests)
+		r.AvgFirstByteMS = float64(g.fb) / float64(g.requests)
+		r.P95MS = g.hist.quantile(0.95)
 	}
-	r.durations = nil
-}
-
-// percentile returns the nearest-rank q-th percentile of v (reordered).
-func percentile(v []int64, q float64) int64 {
-	if len(v) == 0 {
-		return 0
-	}
-	slices.Sort(v)
-	i := int(math.Ceil(q*float64(len(v)))) - 1
-	return v[max(0, min(i, len(v)-1))]
 }
 
 // stats is the /admin/stats answer.
 type stats struct {
 	Hours    int        `json:"hours"`
+	Since    time.Time  `json:"since"`
 	Channels []statsRow `json:"channels"`
 	Models   []statsRow `json:"models"`
 }
 
-// Stats aggregates the log since t by channel and by model. names gives the
-// current name of each channel; rows of deleted channels keep the name they
-// were logged with. One pass over the covering index serves both groupings.
+// windowStart is the start of an hours-long window ending with the current
+// hour: stats, trends and the summary all count whole hours, the one in
+// progress included.
+func windowStart(now time.Time, hours int) time.Time {
+	return now.UTC().Truncate(time.Hour).Add(-time.Duration(hours-1) * time.Hour)
+}
+
+// Stats aggregates the hourly rollups from since by channel and by model.
+// names gives the current name of each channel; rows of deleted channels
+// keep the name they were logged with.
 func (s *Store) Stats(ctx context.Context, since time.Time, names map[int64]string) ([]statsRow, []statsRow, error) {
-	rows, err := s.rdb.QueryContext(ctx, `SELECT channel_id, model, status, duration_ms, first_byte_ms,
-		input_tokens, output_tokens, cache_read_tokens, cache_write_tokens
-		FROM logs INDEXED BY logs_stats WHERE time >= ?`, since.UnixMilli())
+	rows, err := s.rdb.QueryContext(ctx, `SELECT channel_id, model, channel_name, requests, ok, client_errors,
+		cancelled, server_errors, duration_ms, first_byte_ms, input_tokens, output_tokens, cache_read_tokens,
+		cache_write_tokens, durations FROM log_hourly WHERE hour >= ?`, since.UnixMilli())
 	if err != nil {
 		return nil, nil, fmt.Errorf("stats: %w", err)
 	}
@@ -387,53 +638,59 @@ func (s *Store) Stats(ctx context.Context, since time.Time, names map[int64]stri
 	byModel := map[string]*statsRow{}
 	for rows.Next() {
 		var (
-			ch                       int64
-			model                    string
-			status                   int
-			dur, fb, in, out, cr, cw int64
+			ch    int64
+			model string
+			g     rollup
+			hist  []byte
 		)
-		if err := rows.Scan(&ch, &model, &status, &dur, &fb, &in, &out, &cr, &cw); err != nil {
+		if err := rows.Scan(&ch, &model, &g.name, &g.requests, &g.ok, &g.clientErr, &g.cancel, &g.srv, &g.dur,
+			&g.fb, &g.in, &g.out, &g.cacheRead, &g.cacheWri, &hist); err != nil {
 			return nil, nil, err
+		}
+		if err := g.hist.decode(hist); err != nil {
+			return nil, nil, fmt.Errorf("stats: %w", err)
 		}
 		c := byChannel[ch]
 		if c == nil {
-			id := ch
-			c = &statsRow{ChannelID: &id}
+			id, name := ch, g.name
+			if n, ok := names[ch]; ok {
+				name = n
+			}
+			c = &statsRow{ChannelID: &id, ChannelName: &name}
 			byChannel[ch] = c
 		}
-		c.add(status, dur, fb, in, out, cr, cw)
+		c.sum.merge(&g)
 		m := byModel[model]
 		if m == nil {
 			name := model
 			m = &statsRow{Model: &name}
 			byModel[model] = m
 		}
-		m.add(status, dur, fb, in, out, cr, cw)
+		m.sum.merge(&g)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, nil, err
 	}
-	chOut := make([]statsRow, 0, len(byChannel))
-	for id, r := range byChannel {
-		name, ok := names[id]
-		if !ok {
-			name = s.loggedChannelName(ctx, id)
+	collect := func(rs []*statsRow) []statsRow {
+		out := make([]statsRow, 0, len(rs))
+		for _, r := range rs {
+			r.finish()
+			out = append(out, *r)
 		}
-		r.ChannelName = &name
-		r.finish()
-		chOut = append(chOut, *r)
+		slices.SortFunc(out, func(a, b statsRow) int {
+			return cmp.Or(cmp.Compare(b.Requests, a.Requests), cmp.Compare(a.sortKey(), b.sortKey()))
+		})
+		return out
 	}
-	mOut := make([]statsRow, 0, len(byModel))
+	chs := make([]*statsRow, 0, len(byChannel))
+	for _, r := range byChannel {
+		chs = append(chs, r)
+	}
+	ms := make([]*statsRow, 0, len(byModel))
 	for _, r := range byModel {
-		r.finish()
-		mOut = append(mOut, *r)
+		ms = append(ms, r)
 	}
-	byTraffic := func(a, b statsRow) int {
-		return cmp.Or(cmp.Compare(b.Requests, a.Requests), cmp.Compare(a.sortKey(), b.sortKey()))
-	}
-	slices.SortFunc(chOut, byTraffic)
-	slices.SortFunc(mOut, byTraffic)
-	return chOut, mOut, nil
+	return collect(chs), collect(ms), nil
 }
 
 func (r statsRow) sortKey() string {
@@ -441,16 +698,6 @@ func (r statsRow) sortKey() string {
 		return *r.Model
 	}
 	return fmt.Sprintf("%020d", *r.ChannelID)
-}
-
-// loggedChannelName is the name a (since deleted) channel was logged with.
-func (s *Store) loggedChannelName(ctx context.Context, id int64) string {
-	if id == 0 {
-		return ""
-	}
-	var name string
-	s.rdb.QueryRowContext(ctx, `SELECT channel_name FROM logs WHERE channel_id = ? ORDER BY id DESC LIMIT 1`, id).Scan(&name)
-	return name
 }
 
 // trendBucket is one hour of /admin/trends.
@@ -469,14 +716,14 @@ type trendBucket struct {
 // Trends returns hourly buckets for the hours ending with the current one,
 // every hour present, zeros included.
 func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBucket, error) {
-	first := now.UTC().Truncate(time.Hour).Add(-time.Duration(hours-1) * time.Hour)
+	first := windowStart(now, hours)
 	buckets := make([]trendBucket, hours)
 	for i := range buckets {
 		buckets[i].Start = first.Add(time.Duration(i) * time.Hour)
 	}
-	rows, err := s.rdb.QueryContext(ctx, `SELECT (time - ?) / 3600000 AS h, count(*),
-		sum(status >= 200 AND status < 300), sum(duration_ms), sum(input_tokens), sum(output_tokens)
-		FROM logs INDEXED BY logs_stats WHERE time >= ? GROUP BY h`, first.UnixMilli(), first.UnixMilli())
+	rows, err := s.rdb.QueryContext(ctx, `SELECT (hour - ?) / 3600000, sum(requests), sum(ok), sum(duration_ms),
+		sum(input_tokens), sum(output_tokens) FROM log_hourly WHERE hour >= ? GROUP BY hour`,
+		first.UnixMilli(), first.UnixMilli())
 	if err != nil {
 		return nil, fmt.Errorf("trends: %w", err)
 	}
@@ -503,4 +750,12 @@ func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBu
 		}
 	}
 	return buckets, nil
+}
+
+// CountRequests returns how many requests the rollups hold from since (an
+// hour boundary), and how many of them succeeded.
+func (s *Store) CountRequests(ctx context.Context, since time.Time) (total, success int64, err error) {
+	err = s.rdb.QueryRowContext(ctx, `SELECT coalesce(sum(requests), 0), coalesce(sum(ok), 0)
+		FROM log_hourly WHERE hour >= ?`, since.UnixMilli()).Scan(&total, &success)
+	return total, success, err
 }
