@@ -398,6 +398,21 @@ func (a *admin) view(c Channel) channelView {
 	return v
 }
 
+// changeChannels runs write, a change to the stored channels, and swaps in
+// a snapshot of the result. Channel writes are serialized (a.mu) so the
+// live snapshot always reflects the latest one, and run inside
+// cool.exclusive because a change of URL or keys deletes cooldown rows.
+func (a *admin) changeChannels(ctx context.Context, write func() error) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cool.exclusive(func() error {
+		if err := write(); err != nil {
+			return err
+		}
+		return a.reload(ctx)
+	})
+}
+
 // reload swaps in a snapshot of the stored channels. a.mu must be held.
 func (a *admin) reload(ctx context.Context) error {
 	chs, err := a.store.ListChannels(ctx)
@@ -458,13 +473,7 @@ func (a *admin) handleCreateChannel() http.Handler {
 			writeAPIError(w, r, err)
 			return
 		}
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		if err := a.store.CreateChannel(r.Context(), &c); err != nil {
-			writeAPIError(w, r, err)
-			return
-		}
-		if err := a.reload(r.Context()); err != nil {
+		if err := a.changeChannels(r.Context(), func() error { return a.store.CreateChannel(r.Context(), &c) }); err != nil {
 			writeAPIError(w, r, err)
 			return
 		}
@@ -484,24 +493,16 @@ func (a *admin) handleUpdateChannel() http.Handler {
 			writeAPIError(w, r, err)
 			return
 		}
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		c, err := a.store.GetChannel(r.Context(), id)
-		if err != nil {
-			writeAPIError(w, r, err)
-			return
-		}
-		if err := applyChannelInput(&c, in, false); err != nil {
-			writeAPIError(w, r, err)
-			return
-		}
-		// A change of URL or keys deletes the channel's cooldown rows, so
-		// it must not interleave with the cooldown persister.
-		err = a.cool.exclusive(func() error {
-			if err := a.store.UpdateChannel(r.Context(), &c); err != nil {
+		var c Channel
+		err = a.changeChannels(r.Context(), func() error {
+			var err error
+			if c, err = a.store.GetChannel(r.Context(), id); err != nil {
 				return err
 			}
-			return a.reload(r.Context())
+			if err := applyChannelInput(&c, in, false); err != nil {
+				return err
+			}
+			return a.store.UpdateChannel(r.Context(), &c)
 		})
 		if err != nil {
 			writeAPIError(w, r, err)
@@ -518,13 +519,7 @@ func (a *admin) handleDeleteChannel() http.Handler {
 			writeAPIError(w, r, err)
 			return
 		}
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		if err := a.store.DeleteChannel(r.Context(), id); err != nil {
-			writeAPIError(w, r, err)
-			return
-		}
-		if err := a.reload(r.Context()); err != nil {
+		if err := a.changeChannels(r.Context(), func() error { return a.store.DeleteChannel(r.Context(), id) }); err != nil {
 			writeAPIError(w, r, err)
 			return
 		}

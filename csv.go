@@ -187,9 +187,12 @@ func (a *admin) handleImportChannels() http.Handler {
 			return
 		}
 		f := parseImportFile(data)
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		res, err := a.store.ImportChannels(r.Context(), f)
+		var res importResult
+		err = a.changeChannels(r.Context(), func() error {
+			var err error
+			res, err = a.store.ImportChannels(r.Context(), f)
+			return err
+		})
 		var ie *importError
 		if errors.As(err, &ie) {
 			shown := ie.problems[:min(len(ie.problems), maxImportProblems)]
@@ -199,12 +202,6 @@ func (a *admin) handleImportChannels() http.Handler {
 		if err != nil {
 			writeAPIError(w, r, err)
 			return
-		}
-		if res.Created+res.Updated > 0 {
-			if err := a.reload(r.Context()); err != nil {
-				writeAPIError(w, r, err)
-				return
-			}
 		}
 		slog.Info("channels imported", "created", res.Created, "updated", res.Updated, "unchanged", res.Unchanged)
 		writeJSON(w, http.StatusOK, res)
