@@ -36,6 +36,9 @@ type testEnv struct {
 	URL    string
 	client *http.Client
 	closed bool
+	// connClosed receives when the server closes a client connection,
+	// which it does only after that connection's handler has returned.
+	connClosed chan struct{}
 }
 
 const testAdminPass = "correct horse battery staple"
@@ -66,8 +69,17 @@ func startEnv(tb testing.TB, cfg config) *testEnv {
 	if err != nil {
 		tb.Fatalf("newApp: %v", err)
 	}
-	e := &testEnv{t: tb, cfg: cfg, app: a}
-	e.srv = httptest.NewServer(a.handler)
+	e := &testEnv{t: tb, cfg: cfg, app: a, connClosed: make(chan struct{}, 1<<16)}
+	e.srv = httptest.NewUnstartedServer(a.handler)
+	e.srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateClosed {
+			select {
+			case e.connClosed <- struct{}{}:
+			default:
+			}
+		}
+	}
+	e.srv.Start()
 	e.URL = e.srv.URL
 	e.client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	tb.Cleanup(e.close)

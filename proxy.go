@@ -170,6 +170,11 @@ func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
 				fmt.Sprintf("request body is larger than the %s limit (CCLOAD_MAX_BODY)", formatBytes(tooBig.Limit)))
 			return
 		}
+		if r.Context().Err() != nil || errors.Is(err, io.ErrUnexpectedEOF) {
+			// The connection ended inside the body: nobody is left to answer.
+			x.status, x.errText = 499, "client disconnected while sending the body"
+			return
+		}
 		rl.reject(w, x, http.StatusBadRequest, "could not read the request body: "+err.Error())
 		return
 	}

@@ -1069,3 +1069,23 @@ func lastEvent(stream []byte) (name string, data []byte) {
 	}
 	return name, data
 }
+
+func TestClientGoneMidBodyLogs499(t *testing.T) {
+	e := newTestEnv(t)
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "a", URL: up.URL})
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+	c.Close()
+	select {
+	case <-e.connClosed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("server never closed the connection")
+	}
+	if l := e.lastLog(); l.Status != 499 || up.count() != 0 {
+		t.Errorf("log status %d, upstream hits %d; want 499, 0", l.Status, up.count())
+	}
+}
