@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"mime"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -468,7 +467,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		}
 		return nil, verdict{scope: scopeChannel, class: transient, status: status, reason: reason}, nil
 	}
-	ct, _, _ := mime.ParseMediaType(res.Header.Get("Content-Type"))
+	ct := mediaType(res.Header.Get("Content-Type"))
 	if ct == "text/event-stream" {
 		sb := &sseBody{src: res.Body, scan: sseScanner{proto: x.proto}, responses: x.responses,
 			clientGone: func() bool { return ctx.Err() != nil }}
@@ -494,7 +493,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		return res, verdict{}, nil
 	}
 
-	head := make([]byte, 512)
+	head := getBuf()[:512] // back to the pool when the body closes
 	n, err := readSome(res.Body, head)
 	head = head[:n]
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -526,7 +525,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	}
 	timer.Stop()
 	rl.commit(x, e, k, res.StatusCode, true)
-	res.Body = &plainBody{src: rest, head: head, keepTail: true,
+	res.Body = &plainBody{src: rest, head: head, pooled: head, keepTail: true,
 		onClose: func(end streamEnd) { rl.settle(x, e, k, end); stop() }}
 	return res, verdict{}, nil
 }
@@ -663,6 +662,21 @@ func bufferedResponse(res *http.Response, body []byte) *http.Response {
 	res.Header.Set("Content-Length", strconv.Itoa(len(body)))
 	res.Header.Del("Content-Encoding")
 	return res
+}
+
+// mediaType is the lower-cased type of a Content-Type value, without
+// parameters: all the relay needs, without mime.ParseMediaType's map.
+func mediaType(v string) string {
+	if i := strings.IndexByte(v, ';'); i >= 0 {
+		v = v[:i]
+	}
+	v = strings.TrimSpace(v)
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c >= 'A' && c <= 'Z' {
+			return strings.ToLower(v)
+		}
+	}
+	return v
 }
 
 func readSome(r io.Reader, p []byte) (int, error) {

@@ -399,9 +399,10 @@ var errClientClosed = errors.New("client closed the stream")
 // plainBody relays a non-stream response and reads usage from its last
 // bytes, where every protocol puts it, without holding the whole body.
 type plainBody struct {
-	src  io.ReadCloser
-	head []byte // peeked bytes, returned first
-	tail []byte // the last tailSize bytes seen
+	src    io.ReadCloser
+	head   []byte // peeked bytes, returned first
+	pooled []byte // head's buffer, from bufPool, returned at Close
+	tail   []byte // the last tailSize bytes seen
 	// keepTail asks for usage to be read from the tail at the end;
 	// wantError for the message of an error document.
 	keepTail  bool
@@ -467,6 +468,10 @@ func (b *plainBody) Close() error {
 		}
 		putBuf(b.tail)
 		b.tail = nil
+	}
+	if b.pooled != nil {
+		putBuf(b.pooled)
+		b.pooled, b.head = nil, nil
 	}
 	if !b.sawEOF && b.end.err == nil {
 		b.end.err = errClientClosed
