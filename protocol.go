@@ -638,42 +638,6 @@ type usage struct {
 	Input, Output, CacheRead, CacheWrite int64
 }
 
-type usageFields struct {
-	InputTokens      *int64 `json:"input_tokens"`
-	OutputTokens     *int64 `json:"output_tokens"`
-	CacheCreation    *int64 `json:"cache_creation_input_tokens"`
-	CacheRead        *int64 `json:"cache_read_input_tokens"`
-	PromptTokens     *int64 `json:"prompt_tokens"`
-	CompletionTokens *int64 `json:"completion_tokens"`
-	PromptDetails    *struct {
-		CachedTokens int64 `json:"cached_tokens"`
-	} `json:"prompt_tokens_details"`
-	InputDetails *struct {
-		CachedTokens int64 `json:"cached_tokens"`
-	} `json:"input_tokens_details"`
-}
-
-type geminiUsage struct {
-	PromptTokenCount        int64 `json:"promptTokenCount"`
-	CandidatesTokenCount    int64 `json:"candidatesTokenCount"`
-	CachedContentTokenCount int64 `json:"cachedContentTokenCount"`
-	ThoughtsTokenCount      int64 `json:"thoughtsTokenCount"`
-}
-
-// usageEnvelope covers every place the three protocols put usage: Anthropic
-// message_start (message.usage) and message_delta (usage), OpenAI chat
-// (usage), Responses (response.usage) and Gemini (usageMetadata).
-type usageEnvelope struct {
-	Usage   *usageFields `json:"usage"`
-	Message *struct {
-		Usage *usageFields `json:"usage"`
-	} `json:"message"`
-	Response *struct {
-		Usage *usageFields `json:"usage"`
-	} `json:"response"`
-	UsageMetadata *geminiUsage `json:"usageMetadata"`
-}
-
 var (
 	usageMarker       = []byte(`"usage"`)
 	usageMetaMarker   = []byte(`"usageMetadata"`)
@@ -682,67 +646,159 @@ var (
 )
 
 // absorb updates u from one JSON document (an SSE data payload or a whole
-// response) if it carries usage. Later figures replace earlier ones, which
-// is how the protocols report them (message_delta revises message_start).
+// response) if it carries usage: Anthropic's message_start (message.usage)
+// and message_delta (usage), OpenAI chat (usage), Responses
+// (response.usage) and Gemini (usageMetadata). Later figures replace
+// earlier ones, which is how the protocols report them. It reads only the
+// integers it needs, without decoding the document: this runs for every
+// stream, and encoding/json cost ~25 µs per stream here.
 func (u *usage) absorb(data []byte) {
 	if !bytes.Contains(data, usageMarker) && !bytes.Contains(data, usageMetaMarker) {
 		return
 	}
-	var env usageEnvelope
-	if json.Unmarshal(data, &env) != nil {
-		return
-	}
-	u.apply(env)
+	forEachMember(data, func(key, val []byte) {
+		switch string(key) {
+		case "usage":
+			u.applyCounts(val)
+		case "usageMetadata":
+			u.applyGemini(val)
+		case "message", "response":
+			forEachMember(val, func(k, v []byte) {
+				if string(k) == "usage" {
+					u.applyCounts(v)
+				}
+			})
+		}
+	})
 }
 
-func (u *usage) apply(env usageEnvelope) {
-	if g := env.UsageMetadata; g != nil {
-		u.Input = g.PromptTokenCount - g.CachedContentTokenCount
-		u.Output = g.CandidatesTokenCount + g.ThoughtsTokenCount
-		u.CacheRead = g.CachedContentTokenCount
-	}
-	f := env.Usage
-	if env.Message != nil && env.Message.Usage != nil {
-		f = env.Message.Usage
-	}
-	if env.Response != nil && env.Response.Usage != nil {
-		f = env.Response.Usage
-	}
-	if f == nil {
-		return
-	}
-	set := func(dst *int64, v *int64) {
-		if v != nil && *v > 0 {
-			*dst = *v
+// applyCounts reads an Anthropic or OpenAI usage object.
+func (u *usage) applyCounts(obj []byte) {
+	var (
+		input, output, cacheWrite, cacheRead, prompt, completion, cached int64 = -1, -1, -1, -1, -1, -1, 0
+		inputDetails                                                     bool
+	)
+	forEachMember(obj, func(k, v []byte) {
+		switch string(k) {
+		case "input_tokens":
+			input = jsonInt(v)
+		case "output_tokens":
+			output = jsonInt(v)
+		case "cache_creation_input_tokens":
+			cacheWrite = jsonInt(v)
+		case "cache_read_input_tokens":
+			cacheRead = jsonInt(v)
+		case "prompt_tokens":
+			prompt = jsonInt(v)
+		case "completion_tokens":
+			completion = jsonInt(v)
+		case "prompt_tokens_details", "input_tokens_details":
+			inputDetails = inputDetails || string(k) == "input_tokens_details"
+			forEachMember(v, func(dk, dv []byte) {
+				if string(dk) == "cached_tokens" {
+					cached = max(jsonInt(dv), 0)
+				}
+			})
+		}
+	})
+	set := func(dst *int64, v int64) {
+		if v > 0 {
+			*dst = v
 		}
 	}
 	// Anthropic's input_tokens excludes cache reads; OpenAI's prompt and
 	// input counts include cached tokens. Logged input is the uncached part
 	// in both, so the columns add up the same way for every protocol.
-	var cached int64
-	if f.PromptDetails != nil {
-		cached = f.PromptDetails.CachedTokens
+	switch {
+	case prompt >= 0:
+		set(&u.Input, prompt-cached)
+	case input >= 0 && inputDetails:
+		set(&u.Input, input-cached)
+	case input >= 0:
+		set(&u.Input, input)
 	}
-	if f.InputDetails != nil {
-		cached = f.InputDetails.CachedTokens
-	}
-	if f.PromptTokens != nil {
-		v := *f.PromptTokens - cached
-		set(&u.Input, &v)
-	} else if f.InputTokens != nil {
-		v := *f.InputTokens
-		if f.InputDetails != nil {
-			v -= cached
-		}
-		set(&u.Input, &v)
-	}
-	set(&u.Output, f.OutputTokens)
-	set(&u.Output, f.CompletionTokens)
-	set(&u.CacheWrite, f.CacheCreation)
-	set(&u.CacheRead, f.CacheRead)
+	set(&u.Output, output)
+	set(&u.Output, completion)
+	set(&u.CacheWrite, cacheWrite)
+	set(&u.CacheRead, cacheRead)
 	if cached > 0 {
 		u.CacheRead = cached
 	}
+}
+
+// applyGemini reads a Gemini usageMetadata object.
+func (u *usage) applyGemini(obj []byte) {
+	var prompt, candidates, cached, thoughts int64
+	forEachMember(obj, func(k, v []byte) {
+		switch string(k) {
+		case "promptTokenCount":
+			prompt = max(jsonInt(v), 0)
+		case "candidatesTokenCount":
+			candidates = max(jsonInt(v), 0)
+		case "cachedContentTokenCount":
+			cached = max(jsonInt(v), 0)
+		case "thoughtsTokenCount":
+			thoughts = max(jsonInt(v), 0)
+		}
+	})
+	u.Input = max(prompt-cached, 0)
+	u.Output = candidates + thoughts
+	u.CacheRead = cached
+}
+
+// forEachMember calls fn with the key and raw value of each member of the
+// JSON object at the start of b. Keys with escapes are passed raw, which
+// is fine for the plain keys looked for here. On malformed input it stops:
+// upstream bytes are not trusted to be valid.
+func forEachMember(b []byte, fn func(key, val []byte)) {
+	i := skipSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return
+	}
+	i++
+	for {
+		i = skipSpace(b, i)
+		if i >= len(b) || b[i] != '"' {
+			return
+		}
+		ks := i
+		i = skipString(b, i)
+		if i > len(b) || i-ks < 2 || b[i-1] != '"' {
+			return
+		}
+		key := b[ks+1 : i-1]
+		i = skipSpace(b, i)
+		if i >= len(b) || b[i] != ':' {
+			return
+		}
+		i = skipSpace(b, i+1)
+		vs := i
+		i = skipValue(b, i)
+		if i <= vs || i > len(b) {
+			return
+		}
+		fn(key, b[vs:i])
+		i = skipSpace(b, i)
+		if i >= len(b) || b[i] != ',' {
+			return
+		}
+		i++
+	}
+}
+
+// jsonInt reads a non-negative JSON integer; -1 for anything else.
+func jsonInt(v []byte) int64 {
+	if len(v) == 0 || len(v) > 18 {
+		return -1
+	}
+	var n int64
+	for _, c := range v {
+		if c < '0' || c > '9' {
+			return -1
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return n
 }
 
 // statusForErrorType maps the error type an upstream names in a JSON body or

@@ -292,3 +292,26 @@ func TestMaskKey(t *testing.T) {
 		}
 	}
 }
+
+// FuzzUsageAbsorb feeds upstream-shaped bytes to the usage scanner, which
+// reads untrusted data: it must never panic or hang, and never count
+// negative tokens.
+func FuzzUsageAbsorb(f *testing.F) {
+	for _, s := range []string{
+		`{"type":"message_start","message":{"usage":{"input_tokens":10,"cache_read_input_tokens":4}}}`,
+		`{"usage":{"prompt_tokens":30,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":20}}}`,
+		`{"response":{"usage":{"input_tokens":50,"input_tokens_details":{"cached_tokens":40}}}}`,
+		`{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":6}}`,
+		`{"usage":{"input_tokens":`, `{"usage":"x","usage":{"output_tokens":-5}}`, `{"usage" {`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var u usage
+		u.absorb(data)
+		_ = usageFromTail(data)
+		if u.Input < 0 || u.Output < 0 || u.CacheRead < 0 || u.CacheWrite < 0 {
+			t.Fatalf("negative counts %+v from %q", u, data)
+		}
+	})
+}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"io"
 	"sync"
@@ -178,15 +177,19 @@ func (s *sseScanner) dispatch() {
 // lastBoundary returns the length of the prefix of b that ends with a blank
 // line, that is the complete events in b; 0 if there is none.
 func lastBoundary(b []byte) int {
-	i := bytes.LastIndex(b, []byte("\n\n"))
-	j := bytes.LastIndex(b, []byte("\n\r\n"))
-	switch {
-	case i < 0 && j < 0:
-		return 0
-	case j >= 0 && j+3 > i+2:
-		return j + 3
+	// Walk back over line ends: a blank line is "\n\n" or "\n\r\n".
+	for i := len(b) - 1; i > 0; i-- {
+		if b[i] != '\n' {
+			continue
+		}
+		switch {
+		case b[i-1] == '\n':
+			return i + 1
+		case b[i-1] == '\r' && i > 1 && b[i-2] == '\n':
+			return i + 1
+		}
 	}
-	return i + 2
+	return 0
 }
 
 // maxHeldEvent bounds how much of one event is held back waiting for its end.
@@ -201,7 +204,9 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b 
 func getBuf() []byte { return (*bufPool.Get().(*[]byte))[:0] }
 
 func putBuf(b []byte) {
-	if cap(b) > 64<<10 {
+	// Only buffers of a useful size: one grown for a huge event is left to
+	// the collector, and a small one would make every later read small.
+	if cap(b) > 64<<10 || cap(b) < 4096 {
 		return
 	}
 	b = b[:0]
@@ -280,10 +285,13 @@ func (b *sseBody) Read(p []byte) (int, error) {
 	for {
 		if b.ready > 0 {
 			n := copy(p, b.pend[:b.ready])
-			b.pend = b.pend[n:]
+			// Shift what is left down rather than slicing forward, so pend
+			// always starts at its buffer's start: the whole buffer goes
+			// back to the pool, not a remnant of it.
+			b.pend = b.pend[:copy(b.pend, b.pend[n:])]
 			b.ready -= n
 			if len(b.pend) == 0 {
-				putBuf(b.pend[:0:cap(b.pend)])
+				putBuf(b.pend)
 				b.pend = nil
 			}
 			return n, nil
@@ -379,7 +387,7 @@ func (b *sseBody) Close() error {
 	b.closed = true
 	err := b.src.Close()
 	if b.pend != nil {
-		putBuf(b.pend[:0:cap(b.pend)])
+		putBuf(b.pend)
 		b.pend = nil
 	}
 	b.end.usage = b.scan.usage
@@ -503,20 +511,11 @@ func usageFromTail(tail []byte) usage {
 		if end > len(tail) || tail[end-1] != '}' {
 			continue
 		}
-		obj := tail[j:end]
-		var env usageEnvelope
 		if bytes.Equal(marker, usageMetaMarker) {
-			env.UsageMetadata = new(geminiUsage)
-			if json.Unmarshal(obj, env.UsageMetadata) != nil {
-				continue
-			}
+			u.applyGemini(tail[j:end])
 		} else {
-			env.Usage = new(usageFields)
-			if json.Unmarshal(obj, env.Usage) != nil {
-				continue
-			}
+			u.applyCounts(tail[j:end])
 		}
-		u.apply(env)
 	}
 	return u
 }
