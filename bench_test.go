@@ -72,17 +72,34 @@ func BenchmarkOverhead(b *testing.B) {
 	}
 	results := map[string]benchResult{}
 	for _, c := range cases {
-		for _, tg := range targets {
-			b.Run(c.name+"/"+tg.name, func(b *testing.B) {
-				r := runLoad(b, tg.url, c, up)
-				results[c.name+"/"+tg.name] = r
-				b.ReportMetric(float64(r.p50.Microseconds()), "p50-µs")
-				b.ReportMetric(r.rps(), "req/s")
-				if c.stream {
-					b.ReportMetric(float64(r.ttfb50.Microseconds()), "ttfb-µs")
+		b.Run(c.name, func(b *testing.B) {
+			// Rounds interleave the targets in rotating order and pool the
+			// samples, so drift in the machine's speed falls on all three
+			// alike instead of on whichever ran last.
+			const rounds = 6
+			per := max(1, b.N/rounds)
+			acc := make([]benchResult, len(targets))
+			clients := make([]*http.Client, len(targets))
+			for i, tg := range targets {
+				clients[i] = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256, DisableCompression: true}}
+				defer clients[i].CloseIdleConnections()
+				warmUp(clients[i], tg.url, c)
+			}
+			for r := range rounds {
+				for k := range targets {
+					i := (k + r) % len(targets)
+					acc[i].add(runLoad(b, clients[i], targets[i].url, c, up, per))
 				}
-			})
-		}
+			}
+			for i, tg := range targets {
+				r := acc[i].finish()
+				results[c.name+"/"+tg.name] = r
+				b.ReportMetric(float64(r.p50.Microseconds()), tg.name+"-p50-µs")
+			}
+			direct, bare, cc := results[c.name+"/direct"], results[c.name+"/bare-proxy"], results[c.name+"/ccload"]
+			b.ReportMetric(ratio(cc.p50-direct.p50, bare.p50-direct.p50), "added-ratio")
+			b.ReportMetric(cc.rps()/bare.rps(), "rps-ratio")
+		})
 	}
 	printBenchTable(os.Stdout, cases, results)
 }
@@ -102,6 +119,8 @@ type benchResult struct {
 	cpu      time.Duration // process CPU, user+system
 	newConns int64         // upstream connections opened
 	failed   int64
+
+	lats, ttfbs []time.Duration // samples, until finish
 }
 
 func (r benchResult) rps() float64 { return float64(r.n) / r.elapsed.Seconds() }
@@ -112,66 +131,91 @@ func (r benchResult) cpuPerReq() time.Duration {
 	return r.cpu / time.Duration(r.n)
 }
 
+// add pools another round's samples and totals into r.
+func (r *benchResult) add(o benchResult) {
+	r.n += o.n
+	r.elapsed += o.elapsed
+	r.cpu += o.cpu
+	r.newConns += o.newConns
+	r.failed += o.failed
+	r.lats = append(r.lats, o.lats...)
+	r.ttfbs = append(r.ttfbs, o.ttfbs...)
+}
+
+// finish computes the percentiles of the pooled samples.
+func (r benchResult) finish() benchResult {
+	slices.Sort(r.lats)
+	if n := len(r.lats); n > 0 {
+		r.p50, r.p99 = r.lats[n/2], r.lats[min(n-1, n*99/100)]
+	}
+	slices.Sort(r.ttfbs)
+	if n := len(r.ttfbs); n > 0 && r.ttfbs[n-1] > 0 {
+		r.ttfb50 = r.ttfbs[n/2]
+	}
+	r.lats, r.ttfbs = nil, nil
+	return r
+}
+
 func processCPU() time.Duration {
 	var ru syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// runLoad sends b.N requests to base with c.conc workers, after a warm-up
-// that opens the connections a steady state keeps.
-func runLoad(b *testing.B, base string, c benchCase, up *fakeUpstream) benchResult {
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256, DisableCompression: true}}
-	defer client.CloseIdleConnections()
-	one := func(lat, ttfb *time.Duration) bool {
-		start := time.Now()
-		req, _ := http.NewRequest("POST", base+"/v1/messages", strings.NewReader(c.body))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Anthropic-Version", "2023-06-01")
-		req.Header.Set("X-Api-Key", "client-token")
-		resp, err := client.Do(req)
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		if c.stream {
-			br := bufio.NewReader(resp.Body)
-			first := true
-			for {
-				line, err := br.ReadSlice('\n')
-				if first && bytes.HasPrefix(line, []byte("event: content_block_delta")) {
-					*ttfb = time.Since(start)
-					first = false
-				}
-				if err != nil {
-					break
-				}
-			}
-		} else {
-			io.Copy(io.Discard, resp.Body)
-		}
-		*lat = time.Since(start)
-		return resp.StatusCode == 200
+// sendOne sends one request of case c and reads the whole answer; for a
+// stream it notes when the first content event arrived.
+func sendOne(client *http.Client, base string, c benchCase, lat, ttfb *time.Duration) bool {
+	start := time.Now()
+	req, _ := http.NewRequest("POST", base+"/v1/messages", strings.NewReader(c.body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Anthropic-Version", "2023-06-01")
+	req.Header.Set("X-Api-Key", "client-token")
+	resp, err := client.Do(req)
+	if err != nil {
+		return false
 	}
-	// Warm up: every worker's connection, on both hops.
+	defer resp.Body.Close()
+	if c.stream {
+		br := bufio.NewReader(resp.Body)
+		first := true
+		for {
+			line, err := br.ReadSlice('\n')
+			if first && bytes.HasPrefix(line, []byte("event: content_block_delta")) {
+				*ttfb = time.Since(start)
+				first = false
+			}
+			if err != nil {
+				break
+			}
+		}
+	} else {
+		io.Copy(io.Discard, resp.Body)
+	}
+	*lat = time.Since(start)
+	return resp.StatusCode == 200
+}
+
+// warmUp opens the connections a steady state keeps, on both hops.
+func warmUp(client *http.Client, base string, c benchCase) {
 	var wg sync.WaitGroup
 	for range c.conc {
 		wg.Go(func() {
 			var l, t time.Duration
 			for range 3 {
-				one(&l, &t)
+				sendOne(client, base, c, &l, &t)
 			}
 		})
 	}
 	wg.Wait()
+}
 
-	n := b.N
+// runLoad sends n requests to base with c.conc workers.
+func runLoad(b *testing.B, client *http.Client, base string, c benchCase, up *fakeUpstream, n int) benchResult {
 	lats := make([]time.Duration, n)
 	ttfbs := make([]time.Duration, n)
 	var next, failed atomic.Int64
-	runtime.GC()
+	var wg sync.WaitGroup
 	conns0, cpu0 := up.conns.Load(), processCPU()
-	b.ResetTimer()
 	start := time.Now()
 	for range c.conc {
 		wg.Go(func() {
@@ -180,24 +224,17 @@ func runLoad(b *testing.B, base string, c benchCase, up *fakeUpstream) benchResu
 				if i >= n {
 					return
 				}
-				if !one(&lats[i], &ttfbs[i]) {
+				if !sendOne(client, base, c, &lats[i], &ttfbs[i]) {
 					failed.Add(1)
 				}
 			}
 		})
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
-	b.StopTimer()
-	r := benchResult{n: n, elapsed: elapsed, cpu: processCPU() - cpu0, newConns: up.conns.Load() - conns0, failed: failed.Load()}
+	r := benchResult{n: n, elapsed: time.Since(start), cpu: processCPU() - cpu0,
+		newConns: up.conns.Load() - conns0, failed: failed.Load(), lats: lats, ttfbs: ttfbs}
 	if r.failed > 0 {
-		b.Errorf("%d of %d requests failed", r.failed, n)
-	}
-	slices.Sort(lats)
-	r.p50, r.p99 = lats[n/2], lats[min(n-1, n*99/100)]
-	if c.stream {
-		slices.Sort(ttfbs)
-		r.ttfb50 = ttfbs[n/2]
+		b.Errorf("%d of %d requests to %s failed", r.failed, n, base)
 	}
 	return r
 }

@@ -170,20 +170,12 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 		return err
 	}
 	defer tx.Rollback()
-	stmt, err := tx.PrepareContext(ctx, `INSERT INTO logs (time, token, protocol, model, upstream_model,
-		channel_id, channel_name, key_index, attempts, status, duration_ms, first_byte_ms, stream,
-		input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
-	if err != nil {
-		return err
-	}
-	defer stmt.Close()
+	stmt := tx.StmtContext(ctx, s.stmts.insertLog)
+	args := make([]any, 0, 19)
 	groups := map[rollupKey]*rollup{}
 	for i := range entries {
 		e := &entries[i]
-		if _, err := stmt.ExecContext(ctx, e.Time.UnixMilli(), e.Token, e.Protocol, e.Model, e.UpstreamModel,
-			e.ChannelID, e.ChannelName, e.KeyIndex, e.Attempts, e.Status, e.DurationMS, e.FirstByteMS, e.Stream,
-			e.InputTokens, e.OutputTokens, e.CacheRead, e.CacheWrite, e.ClientIP, e.Error); err != nil {
+		if _, err := stmt.ExecContext(ctx, appendLogArgs(args[:0], e)...); err != nil {
 			return fmt.Errorf("insert log: %w", err)
 		}
 		k := rollupKey{hour: hourOf(e.Time), channelID: e.ChannelID, model: e.Model}
@@ -195,10 +187,55 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 		g.name = e.ChannelName
 		g.addEntry(e)
 	}
-	if err := writeRollups(ctx, tx, groups); err != nil {
+	if err := s.writeRollups(ctx, tx, groups); err != nil {
 		return err
 	}
 	return tx.Commit()
+}
+
+// logStmts are the log writer's statements, prepared once on the writer
+// connection: modernc's prepare costs more than the insert it prepares.
+type logStmts struct {
+	insertLog, readRollup, writeRollup *sql.Stmt
+}
+
+func prepareLogStmts(ctx context.Context, db *sql.DB) (logStmts, error) {
+	var st logStmts
+	var err error
+	prep := func(q string) *sql.Stmt {
+		if err != nil {
+			return nil
+		}
+		var ps *sql.Stmt
+		ps, err = db.PrepareContext(ctx, q)
+		return ps
+	}
+	st.insertLog = prep(`INSERT INTO logs (time, token, protocol, model, upstream_model,
+		channel_id, channel_name, key_index, attempts, status, duration_ms, first_byte_ms, stream,
+		input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+	st.readRollup = prep(`SELECT durations FROM log_hourly WHERE hour = ? AND channel_id = ? AND model = ?`)
+	st.writeRollup = prep(`INSERT INTO log_hourly (hour, channel_id, model, channel_name, requests, ok,
+			client_errors, cancelled, server_errors, duration_ms, first_byte_ms, input_tokens, output_tokens,
+			cache_read_tokens, cache_write_tokens, durations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT (hour, channel_id, model) DO UPDATE SET channel_name = excluded.channel_name,
+			requests = requests + excluded.requests, ok = ok + excluded.ok,
+			client_errors = client_errors + excluded.client_errors, cancelled = cancelled + excluded.cancelled,
+			server_errors = server_errors + excluded.server_errors, duration_ms = duration_ms + excluded.duration_ms,
+			first_byte_ms = first_byte_ms + excluded.first_byte_ms, input_tokens = input_tokens + excluded.input_tokens,
+			output_tokens = output_tokens + excluded.output_tokens,
+			cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
+			cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, durations = excluded.durations`)
+	if err != nil {
+		return st, fmt.Errorf("prepare log statements: %w", err)
+	}
+	return st, nil
+}
+
+func appendLogArgs(args []any, e *logEntry) []any {
+	return append(args, e.Time.UnixMilli(), e.Token, e.Protocol, e.Model, e.UpstreamModel,
+		e.ChannelID, e.ChannelName, e.KeyIndex, e.Attempts, e.Status, e.DurationMS, e.FirstByteMS, e.Stream,
+		e.InputTokens, e.OutputTokens, e.CacheRead, e.CacheWrite, e.ClientIP, e.Error)
 }
 
 // hourOf is the start of t's hour, in Unix milliseconds.
@@ -255,11 +292,11 @@ func (g *rollup) merge(o *rollup) {
 }
 
 // writeRollups adds a batch's groups to log_hourly.
-func writeRollups(ctx context.Context, tx *sql.Tx, groups map[rollupKey]*rollup) error {
+func (s *Store) writeRollups(ctx context.Context, tx *sql.Tx, groups map[rollupKey]*rollup) error {
+	read, write := tx.StmtContext(ctx, s.stmts.readRollup), tx.StmtContext(ctx, s.stmts.writeRollup)
 	for k, g := range groups {
 		var old []byte
-		err := tx.QueryRowContext(ctx, `SELECT durations FROM log_hourly WHERE hour = ? AND channel_id = ? AND model = ?`,
-			k.hour, k.channelID, k.model).Scan(&old)
+		err := read.QueryRowContext(ctx, k.hour, k.channelID, k.model).Scan(&old)
 		if err != nil && !errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("read rollup: %w", err)
 		}
@@ -270,17 +307,7 @@ func writeRollups(ctx context.Context, tx *sql.Tx, groups map[rollupKey]*rollup)
 			}
 			g.hist.merge(h)
 		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO log_hourly (hour, channel_id, model, channel_name, requests, ok,
-			client_errors, cancelled, server_errors, duration_ms, first_byte_ms, input_tokens, output_tokens,
-			cache_read_tokens, cache_write_tokens, durations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-			ON CONFLICT (hour, channel_id, model) DO UPDATE SET channel_name = excluded.channel_name,
-			requests = requests + excluded.requests, ok = ok + excluded.ok,
-			client_errors = client_errors + excluded.client_errors, cancelled = cancelled + excluded.cancelled,
-			server_errors = server_errors + excluded.server_errors, duration_ms = duration_ms + excluded.duration_ms,
-			first_byte_ms = first_byte_ms + excluded.first_byte_ms, input_tokens = input_tokens + excluded.input_tokens,
-			output_tokens = output_tokens + excluded.output_tokens,
-			cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
-			cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, durations = excluded.durations`,
+		_, err = write.ExecContext(ctx,
 			k.hour, k.channelID, k.model, g.name, g.requests, g.ok, g.clientErr, g.cancel, g.srv, g.dur, g.fb,
 			g.in, g.out, g.cacheRead, g.cacheWri, g.hist.encode())
 		if err != nil {

@@ -238,3 +238,23 @@ func TestRollupsMatchRows(t *testing.T) {
 		t.Errorf("stats: %d/%d/%d; rows say %d/%d/%d", total, ok, in, wantTotal, wantOK, wantIn)
 	}
 }
+
+// BenchmarkInsertLogs is the log writer's cost per row, in batches of the
+// size a busy relay produces.
+func BenchmarkInsertLogs(b *testing.B) {
+	e := newTestEnv(b)
+	batch := make([]logEntry, 64)
+	now := time.Now()
+	for i := range batch {
+		batch[i] = logEntry{Time: now, Token: "local", Protocol: "anthropic", Model: fmt.Sprintf("model-%d", i%4),
+			UpstreamModel: "m", ChannelID: int64(i%3 + 1), ChannelName: "c", Attempts: 1, Status: 200,
+			DurationMS: int64(100 + i), FirstByteMS: 50, InputTokens: 12, OutputTokens: 34, ClientIP: "127.0.0.1"}
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		if err := e.app.store.InsertLogs(context.Background(), batch); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(batch))/1000, "µs/row")
+}

@@ -60,6 +60,8 @@ type Store struct {
 	// onChange, if set, is called after every committed change to the
 	// channel set (the Redis mirror hooks in here).
 	onChange func()
+
+	stmts logStmts
 }
 
 // OpenStore opens (creating if needed) the database at path and brings its
@@ -90,6 +92,10 @@ func OpenStore(ctx context.Context, path string) (*Store, error) {
 	if err := s.migrate(ctx); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("database %s: %w", path, err)
+	}
+	if s.stmts, err = prepareLogStmts(ctx, db); err != nil {
+		s.Close()
+		return nil, err
 	}
 	return s, nil
 }
