@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -437,6 +438,11 @@ var plainStringByte = func() (t [256]bool) {
 func (s *jsonScan) str() (escaped, ok bool) {
 	b, i := s.b, s.i+1
 	for {
+		// Eight bytes at a time while none of them ends or escapes the
+		// string: most of a Claude Code request is long strings.
+		for i+8 <= len(b) && plainWord(binary.LittleEndian.Uint64(b[i:])) {
+			i += 8
+		}
 		for i < len(b) && plainStringByte[b[i]] {
 			i++
 		}
@@ -478,6 +484,19 @@ func (s *jsonScan) str() (escaped, ok bool) {
 			return escaped, s.fail("invalid character " + quoteChar(c) + " in string literal")
 		}
 	}
+}
+
+// plainWord reports whether none of the eight bytes in w is a quote, a
+// backslash or a control character (< 0x20). The tests are the classic
+// "has a zero byte" bit trick, which is exact for whether any byte matches.
+func plainWord(w uint64) bool {
+	const (
+		ones  = 0x0101010101010101
+		highs = 0x8080808080808080
+	)
+	hasZero := func(x uint64) uint64 { return (x - ones) & ^x & highs }
+	control := (w - 0x20*ones) & ^w & highs // some byte < 0x20
+	return control|hasZero(w^('"'*ones))|hasZero(w^('\\'*ones)) == 0
 }
 
 func isHex(c byte) bool {

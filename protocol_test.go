@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -314,4 +315,41 @@ func FuzzUsageAbsorb(f *testing.F) {
 			t.Fatalf("negative counts %+v from %q", u, data)
 		}
 	})
+}
+
+// BenchmarkInspectBody is the per-request cost of validating a Claude
+// Code-sized body and finding its model, beside encoding/json's Valid.
+func BenchmarkInspectBody(b *testing.B) {
+	body := []byte(largeBody(100 << 10))
+	b.Run("inspectBody", func(b *testing.B) {
+		b.SetBytes(int64(len(body)))
+		for b.Loop() {
+			if _, err := inspectBody(body); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("json.Valid", func(b *testing.B) {
+		b.SetBytes(int64(len(body)))
+		for b.Loop() {
+			json.Valid(body)
+		}
+	})
+}
+
+func TestPlainWordMatchesByteTable(t *testing.T) {
+	// Every byte value in every position, beside plain filler.
+	for pos := range 8 {
+		for c := range 256 {
+			word := []byte("abcdefgh")
+			word[pos] = byte(c)
+			want := true
+			for _, x := range word {
+				want = want && plainStringByte[x]
+			}
+			if got := plainWord(binary.LittleEndian.Uint64(word)); got != want {
+				t.Fatalf("byte %#x at %d: plainWord %v; table says %v", c, pos, got, want)
+			}
+		}
+	}
 }
