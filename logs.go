@@ -196,7 +196,7 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 // logStmts are the log writer's statements, prepared once on the writer
 // connection: modernc's prepare costs more than the insert it prepares.
 type logStmts struct {
-	insertLog, readRollup, writeRollup *sql.Stmt
+	insertLog, readRollup, writeRollup, addTotals *sql.Stmt
 }
 
 func prepareLogStmts(ctx context.Context, db *sql.DB) (logStmts, error) {
@@ -226,6 +226,11 @@ func prepareLogStmts(ctx context.Context, db *sql.DB) (logStmts, error) {
 			output_tokens = output_tokens + excluded.output_tokens,
 			cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
 			cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, durations = excluded.durations`)
+	st.addTotals = prep(`INSERT INTO log_totals (channel_id, model, requests, ok, client_errors, cancelled, server_errors)
+		VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, model) DO UPDATE SET
+		requests = requests + excluded.requests, ok = ok + excluded.ok,
+		client_errors = client_errors + excluded.client_errors, cancelled = cancelled + excluded.cancelled,
+		server_errors = server_errors + excluded.server_errors`)
 	if err != nil {
 		return st, fmt.Errorf("prepare log statements: %w", err)
 	}
@@ -294,6 +299,26 @@ func (g *rollup) merge(o *rollup) {
 // writeRollups adds a batch's groups to log_hourly.
 func (s *Store) writeRollups(ctx context.Context, tx *sql.Tx, groups map[rollupKey]*rollup) error {
 	read, write := tx.StmtContext(ctx, s.stmts.readRollup), tx.StmtContext(ctx, s.stmts.writeRollup)
+	type totalKey struct {
+		channelID int64
+		model     string
+	}
+	totals := map[totalKey]*rollup{}
+	for k, g := range groups {
+		tk := totalKey{k.channelID, k.model}
+		if totals[tk] == nil {
+			totals[tk] = &rollup{}
+		}
+		t := totals[tk]
+		t.requests, t.ok, t.clientErr, t.cancel, t.srv = t.requests+g.requests, t.ok+g.ok, t.clientErr+g.clientErr,
+			t.cancel+g.cancel, t.srv+g.srv
+	}
+	add := tx.StmtContext(ctx, s.stmts.addTotals)
+	for k, t := range totals {
+		if _, err := add.ExecContext(ctx, k.channelID, k.model, t.requests, t.ok, t.clientErr, t.cancel, t.srv); err != nil {
+			return fmt.Errorf("write totals: %w", err)
+		}
+	}
 	for k, g := range groups {
 		var old []byte
 		err := read.QueryRowContext(ctx, k.hour, k.channelID, k.model).Scan(&old)
@@ -522,8 +547,12 @@ func (s *Store) countLogs(ctx context.Context, f logFilter, where string, args [
 	aligned := func(t time.Time) bool { return t.IsZero() || t.UnixMilli()%3_600_000 == 0 }
 	if f.Status == 0 && aligned(f.Since) && aligned(f.Until) {
 		col := map[int]string{0: "requests", 2: "ok", 4: "client_errors + cancelled", 5: "server_errors", -1: "requests - ok"}[f.StatusClass]
+		table := "log_hourly"
+		if f.Since.IsZero() && f.Until.IsZero() {
+			table = "log_totals"
+		}
 		if col != "" {
-			q, qa := "SELECT coalesce(sum("+col+"), 0) FROM log_hourly WHERE 1=1", []any{}
+			q, qa := "SELECT coalesce(sum("+col+"), 0) FROM "+table+" WHERE 1=1", []any{}
 			if f.ChannelID != 0 {
 				q += " AND channel_id = ?"
 				qa = append(qa, f.ChannelID)
@@ -554,25 +583,45 @@ func (s *Store) countLogs(ctx context.Context, f logFilter, where string, args [
 	return n, nil
 }
 
-// DeleteLogsBefore removes rows older than t in small chunks, so the writer
-// is never locked out for long. It returns how many rows went.
+// DeleteLogsBefore removes what was logged before the hour t falls in:
+// rollups and totals first, in one transaction, then the rows in small
+// chunks so the writer is never locked out for long. Whole hours keep the
+// three consistent: a rollup hour goes with exactly its rows. A crash in
+// between leaves rows the next pass removes. It returns how many rows went.
 func (s *Store) DeleteLogsBefore(ctx context.Context, t time.Time) (int64, error) {
+	cut := hourOf(t)
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `UPDATE log_totals SET requests = log_totals.requests - old.requests,
+		ok = log_totals.ok - old.ok, client_errors = log_totals.client_errors - old.client_errors,
+		cancelled = log_totals.cancelled - old.cancelled, server_errors = log_totals.server_errors - old.server_errors
+		FROM (SELECT channel_id, model, sum(requests) AS requests, sum(ok) AS ok, sum(client_errors) AS client_errors,
+			sum(cancelled) AS cancelled, sum(server_errors) AS server_errors
+			FROM log_hourly WHERE hour < ? GROUP BY channel_id, model) AS old
+		WHERE log_totals.channel_id = old.channel_id AND log_totals.model = old.model`, cut); err != nil {
+		return 0, fmt.Errorf("subtract old totals: %w", err)
+	}
+	for _, q := range []string{`DELETE FROM log_totals WHERE requests <= 0`, `DELETE FROM log_hourly WHERE hour < ?`} {
+		if _, err := tx.ExecContext(ctx, q, cut); err != nil {
+			return 0, fmt.Errorf("delete old rollups: %w", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, err
+	}
 	var total int64
 	for {
 		res, err := s.db.ExecContext(ctx, `DELETE FROM logs WHERE id IN
-			(SELECT id FROM logs WHERE time < ? ORDER BY time LIMIT 5000)`, t.UnixMilli())
+			(SELECT id FROM logs WHERE time < ? ORDER BY time LIMIT 5000)`, cut)
 		if err != nil {
 			return total, fmt.Errorf("delete old logs: %w", err)
 		}
 		n, _ := res.RowsAffected()
 		total += n
 		if n < 5000 {
-			// Rollups go by whole hours: the hour t falls in stays until
-			// all of it is older than t.
-			_, err := s.db.ExecContext(ctx, `DELETE FROM log_hourly WHERE hour + 3600000 <= ?`, t.UnixMilli())
-			if err != nil {
-				return total, fmt.Errorf("delete old rollups: %w", err)
-			}
 			return total, nil
 		}
 	}

@@ -104,24 +104,45 @@ func BenchmarkAdminQueries(b *testing.B) {
 
 func TestRetentionDeletesOldRows(t *testing.T) {
 	e := newTestEnv(t)
-	now := time.Now()
+	ctx := context.Background()
+	now := time.Now().Truncate(time.Hour).Add(30 * time.Minute)
 	fillLogs(t, e.app.store, 1000, 10*24*time.Hour, now)
-	n, err := e.app.store.DeleteLogsBefore(context.Background(), now.AddDate(0, 0, -7))
+	cutHour := hourOf(now.AddDate(0, 0, -7))
+	var want int
+	e.app.store.rdb.QueryRow(`SELECT count(*) FROM logs WHERE time < ?`, cutHour).Scan(&want)
+	n, err := e.app.store.DeleteLogsBefore(ctx, now.AddDate(0, 0, -7))
 	if err != nil {
 		t.Fatal(err)
 	}
-	left, _, _ := e.app.store.QueryLogs(context.Background(), logFilter{Limit: 5000})
-	if n != 300 || len(left) != 700 {
-		t.Errorf("deleted %d, %d left; want 300 deleted, 700 left", n, len(left))
+	left, total, _ := e.app.store.QueryLogs(ctx, logFilter{Limit: 5000})
+	if n != int64(want) || len(left) != 1000-want || want < 290 || want > 300 {
+		t.Errorf("deleted %d, %d left; want %d deleted (whole hours before the cutoff)", n, len(left), want)
+	}
+	// The all-time total (from log_totals) and every class count still
+	// match the rows.
+	if total != len(left) {
+		t.Errorf("total %d after retention; %d rows left", total, len(left))
+	}
+	for _, class := range []int{2, 4, 5, -1} {
+		_, got, _ := e.app.store.QueryLogs(ctx, logFilter{StatusClass: class, Limit: 1})
+		var rows int
+		switch class {
+		case -1:
+			e.app.store.rdb.QueryRow(`SELECT count(*) FROM logs WHERE status < 200 OR status >= 300`).Scan(&rows)
+		default:
+			e.app.store.rdb.QueryRow(`SELECT count(*) FROM logs WHERE status >= ? AND status < ?`, class*100, class*100+100).Scan(&rows)
+		}
+		if got != rows {
+			t.Errorf("class %d: total %d; rows %d", class, got, rows)
+		}
 	}
 	var oldHours int
-	e.app.store.rdb.QueryRow(`SELECT count(*) FROM log_hourly WHERE hour + 3600000 <= ?`, now.AddDate(0, 0, -7).UnixMilli()).Scan(&oldHours)
+	e.app.store.rdb.QueryRow(`SELECT count(*) FROM log_hourly WHERE hour < ?`, cutHour).Scan(&oldHours)
 	if oldHours != 0 {
 		t.Errorf("%d rollup hours older than the cutoff survived", oldHours)
 	}
-	cutoff := now.AddDate(0, 0, -7).UnixMilli() // rows keep milliseconds
 	for _, l := range left {
-		if l.Time.UnixMilli() < cutoff {
+		if l.Time.UnixMilli() < cutHour {
 			t.Fatalf("row from %s survived", l.Time)
 		}
 	}

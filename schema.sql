@@ -84,6 +84,20 @@ CREATE TABLE log_hourly (
 	PRIMARY KEY (hour, channel_id, model)
 ) WITHOUT ROWID;
 
+-- All-time totals of the log by channel and model, kept with the rollups:
+-- the total of an unfiltered or lightly filtered log page reads these few
+-- rows instead of counting a year of requests.
+CREATE TABLE log_totals (
+	channel_id    INTEGER NOT NULL,
+	model         TEXT NOT NULL,
+	requests      INTEGER NOT NULL,
+	ok            INTEGER NOT NULL,
+	client_errors INTEGER NOT NULL,
+	cancelled     INTEGER NOT NULL,
+	server_errors INTEGER NOT NULL,
+	PRIMARY KEY (channel_id, model)
+) WITHOUT ROWID;
+
 -- Admin sessions, by SHA-256 of the token: a stolen database file does not
 -- hand out live sessions.
 CREATE TABLE sessions (
