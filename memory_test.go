@@ -33,6 +33,13 @@ import (
 //	CCLOAD_MEM_STREAMS=5000 go test -run TestIdleStreamMemory -v -timeout 10m
 func TestIdleStreamMemory(t *testing.T) {
 	n, _ := strconv.Atoi(os.Getenv("CCLOAD_MEM_STREAMS"))
+	// CCLOAD_MEM_BODY=100 sends Claude Code-sized 100 KiB requests, to show
+	// what the relay keeps of a request once its stream has begun.
+	bodyKiB, _ := strconv.Atoi(os.Getenv("CCLOAD_MEM_BODY"))
+	reqBody := anthropicBody("claude-mem", true)
+	if bodyKiB > 0 {
+		reqBody = strings.Replace(largeBody(bodyKiB<<10), `"max_tokens"`, `"stream":true,"max_tokens"`, 1)
+	}
 	if n == 0 {
 		t.Skip("set CCLOAD_MEM_STREAMS=5000 to measure memory per idle stream")
 	}
@@ -87,8 +94,7 @@ func TestIdleStreamMemory(t *testing.T) {
 					sem <- struct{}{}
 					wg.Go(func() {
 						defer func() { <-sem }()
-						resp, err := client.Post(base+"/v1/messages", "application/json",
-							strings.NewReader(anthropicBody("claude-mem", true)))
+						resp, err := client.Post(base+"/v1/messages", "application/json", strings.NewReader(reqBody))
 						if err != nil {
 							t.Error(err)
 							return
@@ -125,7 +131,8 @@ func TestIdleStreamMemory(t *testing.T) {
 			rss1 := rssKiB(t, cmd.Process.Pid)
 			per := float64(rss1-rss0) / float64(n)
 			t.Logf("%s: %d idle streams: RSS %d KiB -> %d KiB, %.1f KiB per stream", target, n, rss0, rss1, per)
-			fmt.Printf("idle-stream memory: %-10s %5d streams  %7.1f KiB/stream (RSS %d -> %d KiB)\n", target, n, per, rss0, rss1)
+			fmt.Printf("idle-stream memory: %-10s %5d streams, %d-byte requests: %7.1f KiB/stream (RSS %d -> %d KiB)\n",
+				target, n, len(reqBody), per, rss0, rss1)
 			for _, b := range bodies {
 				b.Close()
 			}

@@ -93,11 +93,12 @@ func newRelay(sel *selector, cool *cooldowns, logs *logWriter, m *metrics, auth 
 	return rl
 }
 
-// copyBuffers lends ReverseProxy its copy buffers. Events are small; 16 KiB
-// keeps the memory of many open streams down without costing throughput.
+// copyBuffers lends ReverseProxy its copy buffers. A stream holds one for
+// its whole life, and events are small: 8 KiB keeps thousands of open
+// streams cheap (ReverseProxy's own default is 32 KiB each).
 type copyBuffers struct{}
 
-var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 8<<10); return &b }}
 
 func (copyBuffers) Get() []byte  { return *copyBufPool.Get().(*[]byte) }
 func (copyBuffers) Put(b []byte) { copyBufPool.Put(&b) }
@@ -111,7 +112,8 @@ type exchange struct {
 	clientIP  string
 	model     string
 	info      bodyInfo
-	body      []byte
+	body      []byte // the request body, dropped once a response is committed
+	sent      []byte // the body as sent to the current attempt (model redirected)
 	stream    bool
 	gemAction string // gemini: the action after the model in the path
 
@@ -281,9 +283,9 @@ func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int)
 	u.Scheme, u.Host = e.base.Scheme, e.base.Host
 	u.Path, u.RawPath = e.base.Path+path, ""
 	req.Host = ""
+	x.sent = body
 	if len(body) > 0 {
-		req.Body = newBodyReader(body)
-		req.GetBody = func() (io.ReadCloser, error) { return newBodyReader(body), nil }
+		req.Body, req.GetBody = &bodyReader{b: body}, x.reopenBody
 	} else {
 		req.Body, req.GetBody = nil, nil
 	}
@@ -305,15 +307,40 @@ func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int)
 	}
 }
 
-type bodyReader struct{ bytes.Reader }
-
-func (*bodyReader) Close() error { return nil }
-
-func newBodyReader(b []byte) *bodyReader {
-	r := &bodyReader{}
-	r.Reset(b)
-	return r
+// bodyReader is a request body over bytes the exchange holds. Close drops
+// the reference: the transport closes the body once it has sent it, and a
+// stream that runs for minutes should not keep a 100 KiB request alive.
+type bodyReader struct {
+	b   []byte
+	off int
 }
+
+func (r *bodyReader) Read(p []byte) (int, error) {
+	if r.off >= len(r.b) {
+		return 0, io.EOF
+	}
+	n := copy(p, r.b[r.off:])
+	r.off += n
+	return n, nil
+}
+
+func (r *bodyReader) WriteTo(w io.Writer) (int64, error) {
+	if r.off >= len(r.b) {
+		return 0, nil
+	}
+	n, err := w.Write(r.b[r.off:])
+	r.off += n
+	return int64(n), err
+}
+
+func (r *bodyReader) Close() error {
+	r.b = nil
+	return nil
+}
+
+// reopenBody is the request's GetBody: the transport may resend a body on a
+// fresh connection before any response arrives.
+func (x *exchange) reopenBody() (io.ReadCloser, error) { return &bodyReader{b: x.sent}, nil }
 
 // RoundTrip is the retry loop. It tries the planned channels, and inside a
 // channel its keys, until one gives a response the client should see. A
@@ -564,6 +591,9 @@ func (rl *relay) commit(x *exchange, e *channelEntry, k int, status int, ok bool
 	x.entry, x.keyIndex = e, k
 	x.errText = ""
 	x.committed = true
+	// No retry can follow: let the request body go, however long the
+	// response runs.
+	x.body, x.sent = nil, nil
 	if ok {
 		rl.cool.succeed(e.health, k, x.model)
 		if x.stream {
