@@ -29,7 +29,8 @@ import (
 //
 // It runs for 5 s by default. For a long run:
 //
-//	CCLOAD_SOAK=5m CCLOAD_SOAK_CLIENTS=600 CCLOAD_SOAK_SLOW=1 go test -run TestSoak -v -timeout 30m
+//	CCLOAD_SOAK=5m CCLOAD_SOAK_CLIENTS=700 CCLOAD_SOAK_STREAM_PCT=90 CCLOAD_SOAK_SLOW=1 \
+//	    go test -run TestSoak -v -timeout 30m
 //
 // CCLOAD_SOAK_SLOW=1 paces each stream (20 deltas, 50 ms apart), so
 // hundreds of streams are open at once.
@@ -43,6 +44,7 @@ func TestSoak(t *testing.T) {
 		duration = d
 	}
 	clients := envInt(t, "CCLOAD_SOAK_CLIENTS", 200)
+	streamPct := envInt(t, "CCLOAD_SOAK_STREAM_PCT", 60) // share of requests that stream
 	slow := os.Getenv("CCLOAD_SOAK_SLOW") != ""
 	seed := uint64(time.Now().UnixNano())
 	if v := os.Getenv("CCLOAD_SOAK_SEED"); v != "" {
@@ -181,7 +183,7 @@ func TestSoak(t *testing.T) {
 			r := rand.New(rand.NewPCG(seed, uint64(c)))
 			for time.Now().Before(deadline) {
 				total.Add(1)
-				switch soakRequest(client, e.URL, r, problem) {
+				switch soakRequest(client, e.URL, r, streamPct, problem) {
 				case outcomeOK:
 					ok.Add(1)
 				case outcomeCut:
@@ -320,9 +322,9 @@ const (
 
 // soakRequest sends one random request and checks what came back,
 // reporting anything unexpected to problem.
-func soakRequest(client *http.Client, base string, r *rand.Rand, problem func(string, ...any)) outcome {
+func soakRequest(client *http.Client, base string, r *rand.Rand, streamPct int, problem func(string, ...any)) outcome {
 	kind := r.IntN(4) // 0,1 anthropic; 2 chat; 3 responses
-	stream := r.IntN(10) < 6
+	stream := r.IntN(100) < streamPct
 	cancelEarly := stream && r.IntN(30) == 0
 	var path, body string
 	model := fmt.Sprintf("model-%d", r.IntN(3))
