@@ -127,13 +127,18 @@ func TestSoak(t *testing.T) {
 		allUps = append(allUps, append(s.chaos, s.steady, s.healthy)...)
 	}
 
-	// Hits of the steadily failing channels over time, in tenths of the run.
-	var steadyHits [2][10]atomic.Int64
+	// Hits of the steadily failing channels: during the backoff's ramp (the
+	// first 2 s, while its wait grows 100 ms -> 1.6 s) and after, at the cap.
+	const ramp = 2 * time.Second
+	var steadyEarly, steadyLate [2]atomic.Int64
 	start := time.Now()
 	for i, typ := range []string{"anthropic", "openai"} {
 		sets[typ].steady.script(func(int, *http.Request) fakeBehavior {
-			tenth := min(int(time.Since(start)*10/duration), 9)
-			steadyHits[i][tenth].Add(1)
+			if time.Since(start) < ramp {
+				steadyEarly[i].Add(1)
+			} else {
+				steadyLate[i].Add(1)
+			}
 			return fakeBehavior{Status: 503}
 		})
 	}
@@ -250,18 +255,19 @@ func TestSoak(t *testing.T) {
 		t.Errorf("%d log rows dropped", d)
 	}
 
-	// The steadily failing channels: fewer hits late than early.
+	// The steadily failing channels: hit at a falling rate as the backoff
+	// grows, and far below a fair share (1 in 5 channels) throughout.
 	for i, typ := range []string{"anthropic", "openai"} {
-		var first, last int64
-		for k := range 3 {
-			first += steadyHits[i][k].Load()
-			last += steadyHits[i][7+k].Load()
-		}
+		early := float64(steadyEarly[i].Load()) / ramp.Seconds()
+		late := float64(steadyLate[i].Load()) / max(elapsed-ramp, time.Second).Seconds()
 		share := float64(sets[typ].steady.count()) / float64(max(1, countHits(sets[typ])))
-		t.Logf("%s steady failer: %d hits in the first 3/10, %d in the last 3/10; %.2f%% of %s attempts",
-			typ, first, last, 100*share, typ)
-		if last >= first && first > 0 {
-			t.Errorf("%s: a steadily failing channel did not lose share: %d hits early, %d late", typ, first, last)
+		t.Logf("%s steady failer: %.1f hits/s in the first %s, %.1f/s after; %.2f%% of %s attempts",
+			typ, early, ramp, late, 100*share, typ)
+		if late >= early {
+			t.Errorf("%s: a steadily failing channel did not lose share: %.1f hits/s early, %.1f/s late", typ, early, late)
+		}
+		if share > 0.05 {
+			t.Errorf("%s: a steadily failing channel took %.1f%% of attempts", typ, 100*share)
 		}
 	}
 
