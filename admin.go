@@ -1138,12 +1138,21 @@ func (a *admin) handleLogs() http.Handler {
 	})
 }
 
+// hoursParam reads ?hours= (default 24); a bad value is answered here.
+func hoursParam(w http.ResponseWriter, r *http.Request) (int, bool) {
+	p := &queryParams{q: r.URL.Query()}
+	hours := int(p.int("hours", 24, 1, maxStatsHours))
+	if err := p.err(); err != nil {
+		writeAPIError(w, r, err)
+		return 0, false
+	}
+	return hours, true
+}
+
 func (a *admin) handleStats() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p := &queryParams{q: r.URL.Query()}
-		hours := int(p.int("hours", 24, 1, maxStatsHours))
-		if err := p.err(); err != nil {
-			writeAPIError(w, r, err)
+		hours, ok := hoursParam(w, r)
+		if !ok {
 			return
 		}
 		names := map[int64]string{}
@@ -1162,10 +1171,8 @@ func (a *admin) handleStats() http.Handler {
 
 func (a *admin) handleTrends() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p := &queryParams{q: r.URL.Query()}
-		hours := int(p.int("hours", 24, 1, maxStatsHours))
-		if err := p.err(); err != nil {
-			writeAPIError(w, r, err)
+		hours, ok := hoursParam(w, r)
+		if !ok {
 			return
 		}
 		b, err := a.store.Trends(r.Context(), a.now(), hours)
