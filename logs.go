@@ -173,6 +173,7 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 	stmt := tx.StmtContext(ctx, s.stmts.insertLog)
 	args := make([]any, 0, 19)
 	groups := map[rollupKey]*rollup{}
+	totals := map[totalKey]int64{}
 	for i := range entries {
 		e := &entries[i]
 		if _, err := stmt.ExecContext(ctx, appendLogArgs(args[:0], e)...); err != nil {
@@ -186,8 +187,9 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 		}
 		g.name = e.ChannelName
 		g.addEntry(e)
+		totals[totalKey{e.ChannelID, e.Model, e.Status}]++
 	}
-	if err := s.writeRollups(ctx, tx, groups); err != nil {
+	if err := s.writeRollups(ctx, tx, groups, totals); err != nil {
 		return err
 	}
 	return tx.Commit()
@@ -226,11 +228,8 @@ func prepareLogStmts(ctx context.Context, db *sql.DB) (logStmts, error) {
 			output_tokens = output_tokens + excluded.output_tokens,
 			cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
 			cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, durations = excluded.durations`)
-	st.addTotals = prep(`INSERT INTO log_totals (channel_id, model, requests, ok, client_errors, cancelled, server_errors)
-		VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, model) DO UPDATE SET
-		requests = requests + excluded.requests, ok = ok + excluded.ok,
-		client_errors = client_errors + excluded.client_errors, cancelled = cancelled + excluded.cancelled,
-		server_errors = server_errors + excluded.server_errors`)
+	st.addTotals = prep(`INSERT INTO log_totals (channel_id, model, status, requests) VALUES (?, ?, ?, ?)
+		ON CONFLICT (channel_id, model, status) DO UPDATE SET requests = requests + excluded.requests`)
 	if err != nil {
 		return st, fmt.Errorf("prepare log statements: %w", err)
 	}
@@ -245,6 +244,12 @@ func appendLogArgs(args []any, e *logEntry) []any {
 
 // hourOf is the start of t's hour, in Unix milliseconds.
 func hourOf(t time.Time) int64 { return t.UnixMilli() - t.UnixMilli()%3_600_000 }
+
+type totalKey struct {
+	channelID int64
+	model     string
+	status    int
+}
 
 type rollupKey struct {
 	hour      int64
@@ -297,25 +302,11 @@ func (g *rollup) merge(o *rollup) {
 }
 
 // writeRollups adds a batch's groups to log_hourly.
-func (s *Store) writeRollups(ctx context.Context, tx *sql.Tx, groups map[rollupKey]*rollup) error {
+func (s *Store) writeRollups(ctx context.Context, tx *sql.Tx, groups map[rollupKey]*rollup, totals map[totalKey]int64) error {
 	read, write := tx.StmtContext(ctx, s.stmts.readRollup), tx.StmtContext(ctx, s.stmts.writeRollup)
-	type totalKey struct {
-		channelID int64
-		model     string
-	}
-	totals := map[totalKey]*rollup{}
-	for k, g := range groups {
-		tk := totalKey{k.channelID, k.model}
-		if totals[tk] == nil {
-			totals[tk] = &rollup{}
-		}
-		t := totals[tk]
-		t.requests, t.ok, t.clientErr, t.cancel, t.srv = t.requests+g.requests, t.ok+g.ok, t.clientErr+g.clientErr,
-			t.cancel+g.cancel, t.srv+g.srv
-	}
 	add := tx.StmtContext(ctx, s.stmts.addTotals)
-	for k, t := range totals {
-		if _, err := add.ExecContext(ctx, k.channelID, k.model, t.requests, t.ok, t.clientErr, t.cancel, t.srv); err != nil {
+	for k, n := range totals {
+		if _, err := add.ExecContext(ctx, k.channelID, k.model, k.status, n); err != nil {
 			return fmt.Errorf("write totals: %w", err)
 		}
 	}
@@ -539,92 +530,111 @@ func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, er
 	return out, total, rows.Err()
 }
 
-// countLogs counts the rows f selects. A filter the hourly rollups can
-// answer (by channel, model and status class, over whole hours) is counted
-// there, at a cost that does not grow with the log; anything finer counts
-// the rows themselves.
+// countLogs counts the rows f selects without reading them where it can:
+// with no time filter from log_totals (any channel, model and status
+// filter), over whole hours from the hourly rollups (any but an exact
+// status). Anything finer counts the rows.
 func (s *Store) countLogs(ctx context.Context, f logFilter, where string, args []any) (int, error) {
 	aligned := func(t time.Time) bool { return t.IsZero() || t.UnixMilli()%3_600_000 == 0 }
-	if f.Status == 0 && aligned(f.Since) && aligned(f.Until) {
+	var q string
+	var qa []any
+	switch {
+	case f.Since.IsZero() && f.Until.IsZero():
+		q = "SELECT coalesce(sum(requests), 0) FROM log_totals WHERE 1=1"
+		switch {
+		case f.Status != 0:
+			q, qa = q+" AND status = ?", append(qa, f.Status)
+		case f.StatusClass == -1:
+			q += " AND (status < 200 OR status >= 300)"
+		case f.StatusClass > 0:
+			q, qa = q+" AND status >= ? AND status < ?", append(qa, f.StatusClass*100, f.StatusClass*100+100)
+		}
+	case f.Status == 0 && aligned(f.Since) && aligned(f.Until):
 		col := map[int]string{0: "requests", 2: "ok", 4: "client_errors + cancelled", 5: "server_errors", -1: "requests - ok"}[f.StatusClass]
-		table := "log_hourly"
-		if f.Since.IsZero() && f.Until.IsZero() {
-			table = "log_totals"
+		q = "SELECT coalesce(sum(" + col + "), 0) FROM log_hourly WHERE 1=1"
+		if !f.Since.IsZero() {
+			q, qa = q+" AND hour >= ?", append(qa, f.Since.UnixMilli())
 		}
-		if col != "" {
-			q, qa := "SELECT coalesce(sum("+col+"), 0) FROM "+table+" WHERE 1=1", []any{}
-			if f.ChannelID != 0 {
-				q += " AND channel_id = ?"
-				qa = append(qa, f.ChannelID)
-			}
-			if f.Model != "" {
-				q += " AND model = ?"
-				qa = append(qa, f.Model)
-			}
-			if !f.Since.IsZero() {
-				q += " AND hour >= ?"
-				qa = append(qa, f.Since.UnixMilli())
-			}
-			if !f.Until.IsZero() {
-				q += " AND hour < ?"
-				qa = append(qa, f.Until.UnixMilli())
-			}
-			var n int
-			if err := s.rdb.QueryRowContext(ctx, q, qa...).Scan(&n); err != nil {
-				return 0, fmt.Errorf("count logs: %w", err)
-			}
-			return n, nil
+		if !f.Until.IsZero() {
+			q, qa = q+" AND hour < ?", append(qa, f.Until.UnixMilli())
 		}
+	default:
+		var n int
+		if err := s.rdb.QueryRowContext(ctx, "SELECT count(*) FROM logs "+where, args...).Scan(&n); err != nil {
+			return 0, fmt.Errorf("count logs: %w", err)
+		}
+		return n, nil
+	}
+	if f.ChannelID != 0 {
+		q, qa = q+" AND channel_id = ?", append(qa, f.ChannelID)
+	}
+	if f.Model != "" {
+		q, qa = q+" AND model = ?", append(qa, f.Model)
 	}
 	var n int
-	if err := s.rdb.QueryRowContext(ctx, "SELECT count(*) FROM logs "+where, args...).Scan(&n); err != nil {
+	if err := s.rdb.QueryRowContext(ctx, q, qa...).Scan(&n); err != nil {
 		return 0, fmt.Errorf("count logs: %w", err)
 	}
 	return n, nil
 }
 
-// DeleteLogsBefore removes what was logged before the hour t falls in:
-// rollups and totals first, in one transaction, then the rows in small
-// chunks so the writer is never locked out for long. Whole hours keep the
-// three consistent: a rollup hour goes with exactly its rows. A crash in
-// between leaves rows the next pass removes. It returns how many rows went.
+// DeleteLogsBefore removes what was logged before the hour t falls in,
+// one hour per transaction, oldest first: each transaction subtracts that
+// hour's rows from log_totals, deletes them and deletes the hour's rollup,
+// so totals, rollups and rows always agree and the writer is never held
+// off for longer than one hour of rows takes. It returns how many rows
+// went.
 func (s *Store) DeleteLogsBefore(ctx context.Context, t time.Time) (int64, error) {
 	cut := hourOf(t)
+	var total int64
+	for {
+		var oldest sql.NullInt64
+		if err := s.db.QueryRowContext(ctx, `SELECT min(time) FROM logs WHERE time < ?`, cut).Scan(&oldest); err != nil {
+			return total, fmt.Errorf("find old logs: %w", err)
+		}
+		if !oldest.Valid {
+			break
+		}
+		h := oldest.Int64 - oldest.Int64%3_600_000
+		n, err := s.deleteLogHour(ctx, h)
+		if err != nil {
+			return total, err
+		}
+		total += n
+	}
+	// Rollup hours whose rows were already gone.
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM log_hourly WHERE hour < ?`, cut); err != nil {
+		return total, fmt.Errorf("delete old rollups: %w", err)
+	}
+	return total, nil
+}
+
+func (s *Store) deleteLogHour(ctx context.Context, h int64) (int64, error) {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return 0, err
 	}
 	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `UPDATE log_totals SET requests = log_totals.requests - old.requests,
-		ok = log_totals.ok - old.ok, client_errors = log_totals.client_errors - old.client_errors,
-		cancelled = log_totals.cancelled - old.cancelled, server_errors = log_totals.server_errors - old.server_errors
-		FROM (SELECT channel_id, model, sum(requests) AS requests, sum(ok) AS ok, sum(client_errors) AS client_errors,
-			sum(cancelled) AS cancelled, sum(server_errors) AS server_errors
-			FROM log_hourly WHERE hour < ? GROUP BY channel_id, model) AS old
-		WHERE log_totals.channel_id = old.channel_id AND log_totals.model = old.model`, cut); err != nil {
+	end := h + 3_600_000
+	if _, err := tx.ExecContext(ctx, `UPDATE log_totals SET requests = log_totals.requests - old.n
+		FROM (SELECT channel_id, model, status, count(*) AS n FROM logs WHERE time >= ? AND time < ?
+			GROUP BY channel_id, model, status) AS old
+		WHERE log_totals.channel_id = old.channel_id AND log_totals.model = old.model
+			AND log_totals.status = old.status`, h, end); err != nil {
 		return 0, fmt.Errorf("subtract old totals: %w", err)
 	}
-	for _, q := range []string{`DELETE FROM log_totals WHERE requests <= 0`, `DELETE FROM log_hourly WHERE hour < ?`} {
-		if _, err := tx.ExecContext(ctx, q, cut); err != nil {
-			return 0, fmt.Errorf("delete old rollups: %w", err)
-		}
+	res, err := tx.ExecContext(ctx, `DELETE FROM logs WHERE time >= ? AND time < ?`, h, end)
+	if err != nil {
+		return 0, fmt.Errorf("delete old logs: %w", err)
 	}
-	if err := tx.Commit(); err != nil {
-		return 0, err
+	n, _ := res.RowsAffected()
+	if _, err := tx.ExecContext(ctx, `DELETE FROM log_hourly WHERE hour = ?`, h); err != nil {
+		return 0, fmt.Errorf("delete old rollups: %w", err)
 	}
-	var total int64
-	for {
-		res, err := s.db.ExecContext(ctx, `DELETE FROM logs WHERE id IN
-			(SELECT id FROM logs WHERE time < ? ORDER BY time LIMIT 5000)`, cut)
-		if err != nil {
-			return total, fmt.Errorf("delete old logs: %w", err)
-		}
-		n, _ := res.RowsAffected()
-		total += n
-		if n < 5000 {
-			return total, nil
-		}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM log_totals WHERE requests <= 0`); err != nil {
+		return 0, fmt.Errorf("delete empty totals: %w", err)
 	}
+	return n, tx.Commit()
 }
 
 // retentionLoop deletes log rows older than days, hourly, until ctx ends.

@@ -78,6 +78,7 @@ func BenchmarkAdminQueries(b *testing.B) {
 				"/admin/trends?hours=24",
 				"/admin/logs?limit=50",
 				"/admin/logs?model=model-3&status=5xx&limit=50",
+				"/admin/logs?status=529&limit=50", // an exact status: its total counts rows
 				"/admin/logs?channel_id=3&limit=50&before_id=" + strconv.Itoa(rows/2),
 				"/admin/summary",
 			} {
@@ -122,6 +123,14 @@ func TestRetentionDeletesOldRows(t *testing.T) {
 	// match the rows.
 	if total != len(left) {
 		t.Errorf("total %d after retention; %d rows left", total, len(left))
+	}
+	for _, status := range []int{200, 429, 499, 500, 529} {
+		_, got, _ := e.app.store.QueryLogs(ctx, logFilter{Status: status, Limit: 1})
+		var rows int
+		e.app.store.rdb.QueryRow(`SELECT count(*) FROM logs WHERE status = ?`, status).Scan(&rows)
+		if got != rows {
+			t.Errorf("status %d: total %d; rows %d", status, got, rows)
+		}
 	}
 	for _, class := range []int{2, 4, 5, -1} {
 		_, got, _ := e.app.store.QueryLogs(ctx, logFilter{StatusClass: class, Limit: 1})
@@ -214,6 +223,7 @@ func TestRollupsMatchRows(t *testing.T) {
 	for _, f := range []logFilter{
 		{}, {ChannelID: 3}, {Model: "model-5"}, {StatusClass: 5}, {StatusClass: 4}, {StatusClass: -1}, {StatusClass: 2},
 		{ChannelID: 2, Model: "model-1", StatusClass: -1}, {Since: windowStart(now, 24)},
+		{Status: 529}, {Status: 200, ChannelID: 2}, {Status: 499, Model: "model-7"},
 	} {
 		_, viaRollup, err := e.app.store.QueryLogs(ctx, f)
 		if err != nil {
@@ -231,6 +241,9 @@ func TestRollupsMatchRows(t *testing.T) {
 			where += " AND (status < 200 OR status >= 300)"
 		case 2, 4, 5:
 			where, args = where+" AND status >= ? AND status < ?", append(args, f.StatusClass*100, f.StatusClass*100+100)
+		}
+		if f.Status != 0 {
+			where, args = where+" AND status = ?", append(args, f.Status)
 		}
 		if !f.Since.IsZero() {
 			where, args = where+" AND time >= ?", append(args, f.Since.UnixMilli())
