@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -177,6 +179,15 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	var b fakeBehavior
 	if behave != nil {
 		b = behave(n, r)
+	}
+	// A client may say what body it sent; a relay that garbled it (a buffer
+	// reused too early, say) gets a distinctive 400.
+	if want := r.Header.Get("X-Body-Sha256"); want != "" {
+		sum := sha256.Sum256(body)
+		if hex.EncodeToString(sum[:]) != want {
+			writeFakeError(w, protoAnthropic, 400, "invalid_request_error", "body does not match X-Body-Sha256", "")
+			return
+		}
 	}
 	p, responses := fakeProto(r.URL.Path)
 

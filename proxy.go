@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -112,8 +113,9 @@ type exchange struct {
 	clientIP  string
 	model     string
 	info      bodyInfo
-	body      []byte // the request body, dropped once a response is committed
-	sent      []byte // the body as sent to the current attempt (model redirected)
+	buf       *bodyBuf // holds body; released once a response is committed
+	body      []byte   // the request body, dropped once a response is committed
+	sent      []byte   // the body as sent to the current attempt (model redirected)
 	stream    bool
 	gemAction string // gemini: the action after the model in the path
 
@@ -163,7 +165,7 @@ func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
 	x.token = name
 	x.responses = strings.HasPrefix(r.URL.Path, "/v1/responses")
 
-	body, err := readBody(w, r, rl.MaxBody)
+	bb, err := readBody(w, r, rl.MaxBody)
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
@@ -179,7 +181,8 @@ func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
 		rl.reject(w, x, http.StatusBadRequest, "could not read the request body: "+err.Error())
 		return
 	}
-	x.body = body
+	x.buf, x.body = bb, bb.b
+	body := x.body
 
 	if p == protoGemini {
 		model, action, ok := geminiTarget(r.PathValue("target"))
@@ -233,21 +236,81 @@ func (rl *relay) reject(w http.ResponseWriter, x *exchange, status int, msg stri
 
 // readBody reads the whole request body, refusing more than limit bytes. The
 // proxy needs all of it: to find the model, and to send it again on retry.
-func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
+// A body of known length is read into a pooled buffer (see bodyBuf).
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) (*bodyBuf, error) {
 	if r.ContentLength > limit {
 		return nil, &http.MaxBytesError{Limit: limit}
 	}
 	rd := http.MaxBytesReader(w, r.Body, limit)
 	if r.ContentLength >= 0 {
-		b := make([]byte, r.ContentLength)
-		if _, err := io.ReadFull(rd, b); err != nil {
+		bb := newBodyBuf(int(r.ContentLength))
+		if _, err := io.ReadFull(rd, bb.b); err != nil {
+			bb.release()
 			return nil, err
 		}
-		// Expect EOF: a body longer than its Content-Length is an error the
-		// server reports, not data to forward.
-		return b, nil
+		return bb, nil
 	}
-	return io.ReadAll(rd)
+	b, err := io.ReadAll(rd)
+	if err != nil {
+		return nil, err
+	}
+	bb := &bodyBuf{b: b}
+	bb.refs.Store(1)
+	return bb, nil
+}
+
+// bodyBuf is a request body shared by the exchange and the readers the
+// transport sends it with. Claude Code sends 100 KiB and more per request;
+// allocating and zeroing that afresh each time made the collector a large
+// share of the relay's CPU. The buffer goes back to its pool when the last
+// holder lets go: the exchange once a response is committed (or the
+// request ends), a reader when the transport closes it.
+type bodyBuf struct {
+	b    []byte
+	pool *sync.Pool   // nil: not pooled
+	refs atomic.Int32 // holders left
+}
+
+// bodyPools hold buffers by capacity class, 4 KiB to 4 MiB, each class
+// four times the last. Larger bodies are not pooled.
+var bodyPools [6]sync.Pool
+
+func bodyClass(n int) int {
+	size := 4 << 10
+	for c := range bodyPools {
+		if n <= size {
+			return c
+		}
+		size *= 4
+	}
+	return -1
+}
+
+func newBodyBuf(n int) *bodyBuf {
+	bb := &bodyBuf{}
+	bb.refs.Store(1)
+	c := bodyClass(n)
+	if c < 0 {
+		bb.b = make([]byte, n)
+		return bb
+	}
+	bb.pool = &bodyPools[c]
+	if p, ok := bb.pool.Get().(*[]byte); ok {
+		bb.b = (*p)[:n]
+	} else {
+		bb.b = make([]byte, n, (4<<10)<<(2*c))
+	}
+	return bb
+}
+
+func (bb *bodyBuf) hold() { bb.refs.Add(1) }
+
+func (bb *bodyBuf) release() {
+	if bb.refs.Add(-1) == 0 && bb.pool != nil {
+		b := bb.b[:0]
+		bb.b = nil
+		bb.pool.Put(&b)
+	}
 }
 
 // rewrite prepares the outbound request once; each attempt then sets its
@@ -285,7 +348,7 @@ func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int)
 	req.Host = ""
 	x.sent = body
 	if len(body) > 0 {
-		req.Body, req.GetBody = &bodyReader{b: body}, x.reopenBody
+		req.Body, req.GetBody = x.newBodyReader(), x.reopenBody
 	} else {
 		req.Body, req.GetBody = nil, nil
 	}
@@ -307,12 +370,14 @@ func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int)
 	}
 }
 
-// bodyReader is a request body over bytes the exchange holds. Close drops
-// the reference: the transport closes the body once it has sent it, and a
+// bodyReader is a request body over bytes the exchange holds. Close lets
+// the bytes go: the transport closes the body once it has sent it, and a
 // stream that runs for minutes should not keep a 100 KiB request alive.
 type bodyReader struct {
-	b   []byte
-	off int
+	b      []byte
+	off    int
+	buf    *bodyBuf // the pooled buffer b points into; nil if b is not pooled
+	closed atomic.Bool
 }
 
 func (r *bodyReader) Read(p []byte) (int, error) {
@@ -333,14 +398,41 @@ func (r *bodyReader) WriteTo(w io.Writer) (int64, error) {
 	return int64(n), err
 }
 
+// Close may come from the transport's writing goroutine and its caller
+// both; only the first lets go of the buffer.
 func (r *bodyReader) Close() error {
-	r.b = nil
+	if r.closed.CompareAndSwap(false, true) {
+		r.b = nil
+		if r.buf != nil {
+			r.buf.release()
+		}
+	}
 	return nil
+}
+
+// newBodyReader returns a reader over the body the current attempt sends,
+// holding the pooled buffer when that is what it reads.
+func (x *exchange) newBodyReader() *bodyReader {
+	r := &bodyReader{b: x.sent}
+	if x.buf != nil && len(x.sent) > 0 && len(x.buf.b) > 0 && &x.sent[0] == &x.buf.b[0] {
+		x.buf.hold()
+		r.buf = x.buf
+	}
+	return r
 }
 
 // reopenBody is the request's GetBody: the transport may resend a body on a
 // fresh connection before any response arrives.
-func (x *exchange) reopenBody() (io.ReadCloser, error) { return &bodyReader{b: x.sent}, nil }
+func (x *exchange) reopenBody() (io.ReadCloser, error) { return x.newBodyReader(), nil }
+
+// dropBody lets go of the request body: no attempt can follow.
+func (x *exchange) dropBody() {
+	x.body, x.sent = nil, nil
+	if x.buf != nil {
+		x.buf.release()
+		x.buf = nil
+	}
+}
 
 // RoundTrip is the retry loop. It tries the planned channels, and inside a
 // channel its keys, until one gives a response the client should see. A
@@ -593,7 +685,7 @@ func (rl *relay) commit(x *exchange, e *channelEntry, k int, status int, ok bool
 	x.committed = true
 	// No retry can follow: let the request body go, however long the
 	// response runs.
-	x.body, x.sent = nil, nil
+	x.dropBody()
 	if ok {
 		rl.cool.succeed(e.health, k, x.model)
 		if x.stream {
@@ -784,6 +876,7 @@ func (rl *relay) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 // finish writes the log row and the metrics of one request.
 func (rl *relay) finish(x *exchange) {
 	defer rl.inflight.Done()
+	x.dropBody()
 	if x.logged {
 		return
 	}

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -11,6 +13,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -1087,5 +1090,47 @@ func TestClientGoneMidBodyLogs499(t *testing.T) {
 	}
 	if l := e.lastLog(); l.Status != 499 || up.count() != 0 {
 		t.Errorf("log status %d, upstream hits %d; want 499, 0", l.Status, up.count())
+	}
+}
+
+// TestPooledBodiesNeverCross sends many distinct large bodies at once, half
+// of them failing over, and has the upstream check each body against the
+// hash its client sent: a pooled buffer reused while still in use would
+// send one client's bytes to another's request.
+func TestPooledBodiesNeverCross(t *testing.T) {
+	e := newTestEnv(t)
+	flaky, good := newFakeUpstream(t, "flaky"), newFakeUpstream(t, "good")
+	flaky.noRecord.Store(true)
+	good.noRecord.Store(true)
+	flaky.script(func(n int, _ *http.Request) fakeBehavior {
+		if n%2 == 0 {
+			return fakeBehavior{Status: 503}
+		}
+		return fakeBehavior{}
+	})
+	e.app.cool.policy.Transient = time.Millisecond // keep the flaky channel in play
+	e.app.cool.policy.Cap = time.Millisecond
+	e.addChannel(Channel{Name: "flaky", URL: flaky.URL, Priority: 1})
+	e.addChannel(Channel{Name: "good", URL: good.URL})
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for c := range 64 {
+		wg.Go(func() {
+			for i := range 20 {
+				body := fmt.Sprintf(`{"model":"m","max_tokens":8,"system":"%s","messages":[{"role":"user","content":"%d-%d"}]}`,
+					strings.Repeat(string(rune('a'+c%26)), 60000+c*7+i), c, i)
+				sum := sha256.Sum256([]byte(body))
+				resp, got := e.do("POST", "/v1/messages", body, map[string]string{"X-Body-Sha256": hex.EncodeToString(sum[:])})
+				if resp.StatusCode != 200 {
+					failed.Add(1)
+					t.Errorf("client %d request %d: %d %s", c, i, resp.StatusCode, got)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if failed.Load() == 0 && flaky.count() == 0 {
+		t.Error("the flaky channel was never tried: no failover exercised")
 	}
 }
