@@ -38,11 +38,10 @@ var durationBuckets = [...]float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 
 
 func newMetrics() *metrics { return &metrics{} }
 
-func (m *metrics) attempt()             { m.attempts.Add(1) }
-func (m *metrics) cooled(s scope)       { m.cooldowns[s].Add(1) }
-func (m *metrics) streamOpened()        { m.streams.Add(1) }
-func (m *metrics) streamClosed()        { m.streams.Add(-1) }
-func (m *metrics) inFlightStreams() int { return int(m.streams.Load()) }
+func (m *metrics) attempt()       { m.attempts.Add(1) }
+func (m *metrics) cooled(s scope) { m.cooldowns[s].Add(1) }
+func (m *metrics) streamOpened()  { m.streams.Add(1) }
+func (m *metrics) streamClosed()  { m.streams.Add(-1) }
 
 func statusClass(status int) string {
 	switch {

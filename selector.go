@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
-	"time"
 )
 
 // channelEntry is one enabled channel as the proxy sees it: configuration
@@ -276,12 +275,3 @@ func (s *selector) load(channels []Channel) error {
 }
 
 func (s *selector) current() *snapshot { return s.snap.Load() }
-
-// firstFree formats when a cooling channel frees, for error messages.
-func firstFree(until int64, now time.Time) string {
-	if until == 0 {
-		return "unknown"
-	}
-	d := time.Unix(0, until).Sub(now).Round(time.Second)
-	return fmt.Sprintf("%s (in %s)", time.Unix(0, until).UTC().Format(time.RFC3339), max(d, 0))
-}

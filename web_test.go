@@ -1129,7 +1129,7 @@ func testBrowserScreenshots(t *testing.T, bctx context.Context) {
 				// Same page, new viewport: the layout and the charts follow
 				// by themselves; wait for the chart to be redrawn at the new
 				// width.
-				b.waitJS("redraw", fmt.Sprintf(`!document.querySelector('#trend-chart svg') || Math.abs(document.querySelector('#trend-chart svg').getAttribute('width') - document.querySelector('#trend-chart').clientWidth) < 2`))
+				b.waitJS("redraw", `!document.querySelector('#trend-chart svg') || Math.abs(document.querySelector('#trend-chart svg').getAttribute('width') - document.querySelector('#trend-chart').clientWidth) < 2`)
 			} else {
 				b.route(p.hash, p.ready)
 			}
