@@ -75,7 +75,12 @@ type verdict struct {
 	base   time.Duration // overrides the policy's base when > 0
 	wait   time.Duration // the upstream's own reset time; wins when > 0
 	status int           // upstream status, or a synthetic one (502 for a dead connection)
-	reason string        // short, for the log and the admin
+	// started is when the failed attempt began. Only an attempt begun after
+	// the scope's last counted failure counts as a consecutive one: ten
+	// requests in flight when a channel hiccups once are one failure, not a
+	// backoff doubled ten times. Zero counts always.
+	started time.Time
+	reason  string // short, for the log and the admin
 }
 
 // coolSlot is the state of one scope. until is read on the hot path without
@@ -83,6 +88,7 @@ type verdict struct {
 type coolSlot struct {
 	until    atomic.Int64 // UnixNano; 0 when the scope has no failure on record
 	failures int
+	lastFail int64 // UnixNano of the last failure counted in failures
 	reason   string
 	status   int
 }
@@ -100,10 +106,14 @@ type channelHealth struct {
 	id          int64
 	fingerprint string // URL and keys this health describes
 
-	mu     sync.Mutex // guards the non-atomic fields of ch, keys and models' slots, and writes to models
-	ch     coolSlot
-	keys   []coolSlot
-	models atomic.Pointer[map[string]*coolSlot] // copy on write; nil until a model first fails
+	mu sync.Mutex // guards retired, the non-atomic fields of ch, keys and models' slots, and writes to models
+	// retired is set when the channel's URL or keys change or it is
+	// deleted: requests still in flight on the old configuration must not
+	// persist cooldowns that a restart would apply to the new one.
+	retired bool
+	ch      coolSlot
+	keys    []coolSlot
+	models  atomic.Pointer[map[string]*coolSlot] // copy on write; nil until a model first fails
 
 	rr atomic.Uint32 // round robin position over keys
 }
@@ -193,11 +203,16 @@ func (c *cooldowns) sync(channels []Channel) map[int64]*channelHealth {
 			if h != nil {
 				// URL or keys changed: the old health's queued rows
 				// describe an upstream that is no longer configured.
-				c.dropPending(ch.ID)
+				c.retire(h)
 			}
 			h = &channelHealth{id: ch.ID, fingerprint: fp, keys: make([]coolSlot, len(ch.APIKeys))}
 		}
 		next[ch.ID] = h
+	}
+	for id, h := range c.byID {
+		if _, kept := next[id]; !kept {
+			c.retire(h)
+		}
 	}
 	c.byID = next
 	out := make(map[int64]*channelHealth, len(next))
@@ -205,6 +220,16 @@ func (c *cooldowns) sync(channels []Channel) map[int64]*channelHealth {
 		out[id] = h
 	}
 	return out
+}
+
+// retire stops h persisting anything more and forgets what it queued.
+// Marking under h.mu orders it against fail and succeed, which queue under
+// h.mu: a row queued before is dropped here, and none is queued after.
+func (c *cooldowns) retire(h *channelHealth) {
+	h.mu.Lock()
+	h.retired = true
+	h.mu.Unlock()
+	c.dropPending(h.id)
 }
 
 func channelFingerprint(ch *Channel) string {
@@ -300,7 +325,11 @@ func (c *cooldowns) fail(h *channelHealth, keyIndex int, model string, v verdict
 		h.mu.Unlock()
 		return now
 	}
-	s.failures++
+	counted := v.started.IsZero() || v.started.UnixNano() > s.lastFail || s.failures == 0
+	if counted {
+		s.failures++
+		s.lastFail = now.UnixNano()
+	}
 	base := v.base
 	if base <= 0 {
 		base = c.policy.Transient
@@ -313,12 +342,20 @@ func (c *cooldowns) fail(h *channelHealth, keyIndex int, model string, v verdict
 		d = min(v.wait, c.policy.MaxUpstreamWait)
 	}
 	until := now.Add(d)
+	if !counted {
+		if u := time.Unix(0, s.until.Load()); u.After(until) {
+			until = u
+		}
+	}
 	s.reason, s.status = v.reason, v.status
 	s.until.Store(until.UnixNano())
 	rec := cooldownRecord{ChannelID: h.id, KeyIndex: key.keyIndex, Model: key.model,
 		Until: until, Failures: s.failures, Reason: s.reason, Status: s.status}
+	// Queued under h.mu, so a retirement (see sync) orders against it.
+	if !h.retired {
+		c.persist(key, rec)
+	}
 	h.mu.Unlock()
-	c.persist(key, rec)
 	return until
 }
 
@@ -335,21 +372,19 @@ func (c *cooldowns) succeed(h *channelHealth, keyIndex int, model string) {
 		return
 	}
 	h.mu.Lock()
-	var cleared []cooldownKey
+	defer h.mu.Unlock()
 	clear := func(s *coolSlot, k cooldownKey) {
 		if s != nil && s.until.Load() != 0 {
 			s.until.Store(0)
-			s.failures, s.reason, s.status = 0, "", 0
-			cleared = append(cleared, k)
+			s.failures, s.lastFail, s.reason, s.status = 0, 0, "", 0
+			if !h.retired {
+				c.persist(k, cooldownRecord{ChannelID: k.channelID, KeyIndex: k.keyIndex, Model: k.model})
+			}
 		}
 	}
 	clear(&h.ch, cooldownKey{h.id, -1, ""})
 	clear(ks, cooldownKey{h.id, keyIndex, ""})
 	clear(ms, cooldownKey{h.id, -1, model})
-	h.mu.Unlock()
-	for _, k := range cleared {
-		c.persist(k, cooldownRecord{ChannelID: k.channelID, KeyIndex: k.keyIndex, Model: k.model})
-	}
 }
 
 // clearAll lifts every cooldown of the channel (admin action). The caller
@@ -359,7 +394,7 @@ func (c *cooldowns) clearAll(h *channelHealth) {
 	defer h.mu.Unlock()
 	reset := func(s *coolSlot) {
 		s.until.Store(0)
-		s.failures, s.reason, s.status = 0, "", 0
+		s.failures, s.lastFail, s.reason, s.status = 0, 0, "", 0
 	}
 	reset(&h.ch)
 	for i := range h.keys {

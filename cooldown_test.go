@@ -186,3 +186,58 @@ func TestRestoreAndPending(t *testing.T) {
 		}
 	}
 }
+
+// Requests already in flight when a channel fails are one failure, not
+// several: only an attempt started after the last counted failure doubles
+// the wait.
+func TestInFlightFailuresCountOnce(t *testing.T) {
+	c, clk, hs := newTestCooldowns(Channel{ID: 1, URL: "u", APIKeys: []string{"a"}})
+	h := hs[1]
+	began := clk.now() // ten requests start together...
+	clk.advance(time.Second)
+	for range 10 { // ...and all get a 529
+		c.fail(h, -1, "", verdict{scope: scopeChannel, class: transient, started: began})
+	}
+	if h.ch.failures != 1 {
+		t.Fatalf("failures %d; want 1", h.ch.failures)
+	}
+	if d := time.Unix(0, h.ch.until.Load()).Sub(clk.now()); d != 30*time.Second {
+		t.Errorf("cooldown %s; want 30s", d)
+	}
+	// A request started after that failure, failing again, doubles it.
+	clk.advance(time.Minute)
+	later := clk.now()
+	clk.advance(time.Second)
+	c.fail(h, -1, "", verdict{scope: scopeChannel, class: transient, started: later})
+	if h.ch.failures != 2 || time.Unix(0, h.ch.until.Load()).Sub(clk.now()) != time.Minute {
+		t.Errorf("failures %d; want 2 with a 1m wait", h.ch.failures)
+	}
+	// An old in-flight failure never shortens a longer cooldown.
+	before := time.Unix(0, h.ch.until.Load())
+	c.fail(h, -1, "", verdict{scope: scopeChannel, class: transient, started: began})
+	if got := time.Unix(0, h.ch.until.Load()); got.Before(before) || h.ch.failures != 2 {
+		t.Errorf("old failure moved until %s -> %s, failures %d", before, got, h.ch.failures)
+	}
+}
+
+// A health replaced by a change of URL or keys (or a delete) persists
+// nothing more: a request still in flight on the old configuration must not
+// leave a row that a restart would apply to the new one.
+func TestRetiredHealthPersistsNothing(t *testing.T) {
+	ch := Channel{ID: 1, URL: "https://a", APIKeys: []string{"k"}}
+	c, _, hs := newTestCooldowns(ch)
+	old := hs[1]
+	ch.APIKeys = []string{"new-key"}
+	c.sync([]Channel{ch})
+	c.fail(old, 0, "", verdict{scope: scopeChannel, class: transient, status: 500})
+	c.fail(old, 0, "", verdict{scope: scopeKey, class: persistent, status: 401})
+	if recs := c.takePending(); len(recs) != 0 {
+		t.Errorf("retired health queued %+v", recs)
+	}
+	cur := c.get(1)
+	c.sync(nil) // deleted
+	c.fail(cur, 0, "", verdict{scope: scopeChannel})
+	if recs := c.takePending(); len(recs) != 0 {
+		t.Errorf("deleted channel queued %+v", recs)
+	}
+}

@@ -132,7 +132,8 @@ type exchange struct {
 	firstByte     time.Duration
 	usage         usage
 	errText       string
-	committed     bool // a response went to the client
+	committed     bool      // a response went to the client
+	attemptStart  time.Time // when the committed attempt began
 	logged        bool
 }
 
@@ -481,13 +482,16 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 func (rl *relay) tryChannel(out *http.Request, x *exchange, e *channelEntry, last **http.Response) (*http.Response, error) {
 	keys := e.keyOrder(rl.Now().UnixNano(), x.keyBuf[:0])
 	for _, k := range keys {
+		started := rl.Now()
 		res, v, err := rl.attempt(out, x, e, k)
 		if err != nil {
 			return nil, err
 		}
 		if v.scope == scopeNone {
+			x.attemptStart = started
 			return res, nil
 		}
+		v.started = started
 		rl.cool.fail(e.health, k, x.model, v)
 		rl.metrics.cooled(v.scope)
 		x.errText = fmt.Sprintf("%s: %s", e.ch.Name, v.reason)
@@ -710,16 +714,17 @@ func (rl *relay) settle(x *exchange, e *channelEntry, k int, end streamEnd) {
 		x.status, x.errText = 499, "client disconnected"
 	case end.err != nil:
 		x.status, x.errText = http.StatusBadGateway, "upstream failed mid-response: "+shortError(end.err)
-		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, class: transient, status: x.status, reason: "cut mid-stream"})
+		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, class: transient, status: x.status, reason: "cut mid-stream", started: x.attemptStart})
 	case end.incomplete:
 		x.status, x.errText = http.StatusBadGateway, "upstream closed the stream before it finished"
-		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, class: transient, status: x.status, reason: "stream ended early"})
+		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, class: transient, status: x.status, reason: "stream ended early", started: x.attemptStart})
 	case end.lateErr != nil:
 		v := classifyStatus(end.lateErr.status)
 		if v.scope == scopeNone {
 			v = verdict{scope: scopeChannel, class: transient}
 		}
 		v.status, v.reason = end.lateErr.status, "error event mid-stream: "+truncate(end.lateErr.message, 160)
+		v.started = x.attemptStart
 		x.status, x.errText = end.lateErr.status, v.reason
 		rl.cool.fail(e.health, k, x.model, v)
 	}
