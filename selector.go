@@ -141,7 +141,9 @@ func buildSnapshot(channels []Channel, health map[int64]*channelHealth) (*snapsh
 			e.keyValue = append(e.keyValue, []string{k})
 			e.bearerValue = append(e.bearerValue, []string{"Bearer " + k})
 		}
-		if len(c.Models) > 0 || len(c.ModelRedirects) > 0 {
+		// Empty models means any model, redirects or not; a list is
+		// widened by the redirects' asked names.
+		if len(c.Models) > 0 {
 			e.serves = make(map[string]struct{})
 			for _, m := range c.Models {
 				e.serves[m] = struct{}{}
@@ -162,6 +164,9 @@ func buildSnapshot(channels []Channel, health map[int64]*channelHealth) (*snapsh
 			}
 			mine = append(mine, e)
 			for m := range e.serves {
+				names[m] = struct{}{}
+			}
+			for m := range e.ch.ModelRedirects {
 				names[m] = struct{}{}
 			}
 		}

@@ -45,6 +45,7 @@ func TestRoutes(t *testing.T) {
 		Channel{Name: "any-hi", Priority: 10},
 		Channel{Name: "sonnet", Priority: 10, Models: []string{"sonnet"}},
 		Channel{Name: "alias", Priority: 5, ModelRedirects: map[string]string{"fast": "haiku-4-5"}},
+		Channel{Name: "listed", Priority: 10, Models: []string{"sonnet-x"}, ModelRedirects: map[string]string{"fast-listed": "sonnet-x"}},
 		Channel{Name: "any-lo", Priority: 0},
 		Channel{Name: "off", Priority: 99, Enabled: true}, // disabled
 		Channel{Name: "codex", Type: "codex", Models: []string{"gpt-5-codex"}},
@@ -55,9 +56,12 @@ func TestRoutes(t *testing.T) {
 		model string
 		tiers [][]string
 	}{
-		{protoAnthropic, "sonnet", [][]string{{"any-hi", "sonnet"}, {"any-lo"}}},
+		{protoAnthropic, "sonnet", [][]string{{"any-hi", "sonnet"}, {"alias"}, {"any-lo"}}},
 		{protoAnthropic, "fast", [][]string{{"any-hi"}, {"alias"}, {"any-lo"}}},
-		{protoAnthropic, "unlisted", [][]string{{"any-hi"}, {"any-lo"}}},
+		// alias lists no models: the redirect renames one, it serves all.
+		{protoAnthropic, "unlisted", [][]string{{"any-hi"}, {"alias"}, {"any-lo"}}},
+		{protoAnthropic, "fast-listed", [][]string{{"any-hi", "listed"}, {"alias"}, {"any-lo"}}},
+		{protoAnthropic, "other", [][]string{{"any-hi"}, {"alias"}, {"any-lo"}}},
 		{protoOpenAI, "gpt-5-codex", [][]string{{"codex"}}},
 		{protoOpenAI, "gpt-4o", nil},
 		{protoGemini, "gemini-2.5-pro", [][]string{{"gem"}}},
@@ -74,10 +78,10 @@ func TestRoutes(t *testing.T) {
 			t.Errorf("route(%s, %q) = %v; want %v", tc.p, tc.model, got, tc.tiers)
 		}
 	}
-	if got := s.routes[protoAnthropic].models; !slices.Equal(got, []string{"fast", "sonnet"}) {
+	if got := s.routes[protoAnthropic].models; !slices.Equal(got, []string{"fast", "fast-listed", "sonnet", "sonnet-x"}) {
 		t.Errorf("listed models %v", got)
 	}
-	if e := s.byID[3]; e.upstreamModel("fast") != "haiku-4-5" || e.upstreamModel("x") != "x" {
+	if e := s.byID[3]; e.upstreamModel("fast") != "haiku-4-5" || e.upstreamModel("x") != "x" || e.serves != nil {
 		t.Error("redirect")
 	}
 }
