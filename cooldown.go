@@ -62,10 +62,11 @@ const (
 	scopeKey                  // one key of the channel
 	scopeChannel              // the whole channel
 	scopeModel                // one model on the channel
+	scopeNext                 // nobody's fault here: try the next channel, cool nothing
 )
 
 func (s scope) String() string {
-	return [...]string{"none", "key", "channel", "model"}[s]
+	return [...]string{"none", "key", "channel", "model", "next"}[s]
 }
 
 // verdict is what the proxy concluded from one attempt.

@@ -60,17 +60,18 @@ type fakeBehavior struct {
 	RetryAfter string // Retry-After header on an error
 	RequireKey string // answer 401 unless this key is presented
 
-	HTML404        bool // 404 with an HTML page (a wrong URL)
-	Reset          bool // reset the connection before any response
-	StallHeaders   bool // never answer (until the client gives up or release)
-	StallFirst     bool // stream: headers and a ping, then nothing
-	FirstEventErr  bool // stream: 200, then an error event first
-	CutAfter       int  // stream: drop the connection after this many deltas
-	CutClean       bool // with CutAfter: end the body cleanly (no terminal event) instead
-	MidStreamError bool // with CutAfter: send an error event there instead of cutting
-	EmptyBody      bool // 200 with an empty body
-	HTMLBody       bool // 200 with an HTML page
-	ErrorIn200     bool // non-stream: 200 whose JSON body is an error
+	HTML404        bool   // 404 with an HTML page (a wrong URL)
+	Redirect       string // answer 308 to this Location
+	Reset          bool   // reset the connection before any response
+	StallHeaders   bool   // never answer (until the client gives up or release)
+	StallFirst     bool   // stream: headers and a ping, then nothing
+	FirstEventErr  bool   // stream: 200, then an error event first
+	CutAfter       int    // stream: drop the connection after this many deltas
+	CutClean       bool   // with CutAfter: end the body cleanly (no terminal event) instead
+	MidStreamError bool   // with CutAfter: send an error event there instead of cutting
+	EmptyBody      bool   // 200 with an empty body
+	HTMLBody       bool   // 200 with an HTML page
+	ErrorIn200     bool   // non-stream: 200 whose JSON body is an error
 
 	Deltas     int           // content deltas in a stream (default 3)
 	DeltaDelay time.Duration // slow mode: wait this long before each delta after the first
@@ -213,6 +214,9 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		case <-r.Context().Done():
 		case <-release:
 		}
+		return
+	case b.Redirect != "":
+		http.Redirect(w, r, b.Redirect, http.StatusPermanentRedirect)
 		return
 	case b.HTML404:
 		w.Header().Set("Content-Type", "text/html")

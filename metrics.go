@@ -20,7 +20,7 @@ import (
 type metrics struct {
 	requests      sync.Map // requestKey -> *atomic.Uint64
 	attempts      atomic.Uint64
-	cooldowns     [4]atomic.Uint64 // by scope
+	cooldowns     [5]atomic.Uint64 // by scope
 	streams       atomic.Int64
 	durationCount atomic.Uint64
 	durationSumUS atomic.Uint64
@@ -120,7 +120,7 @@ func (src metricsSource) write(w *bufio.Writer) {
 		fmt.Fprintf(w, "ccload_cooldowns_started_total{scope=\"%s\"} %d\n", s, m.cooldowns[s].Load())
 	}
 
-	var active [4]int
+	var active [5]int
 	now := src.now().UnixNano()
 	for _, h := range snap.health {
 		if h.ch.cooling(now) {

@@ -118,6 +118,7 @@ type exchange struct {
 	sent      []byte   // the body as sent to the current attempt (model redirected)
 	stream    bool
 	gemAction string // gemini: the action after the model in the path
+	auxiliary bool   // count_tokens: not every channel has it
 
 	plan    plan
 	planBuf [8]*channelEntry
@@ -165,6 +166,7 @@ func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
 	}
 	x.token = name
 	x.responses = strings.HasPrefix(r.URL.Path, "/v1/responses")
+	x.auxiliary = strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens")
 
 	bb, err := readBody(w, r, rl.MaxBody)
 	if err != nil {
@@ -492,8 +494,10 @@ func (rl *relay) tryChannel(out *http.Request, x *exchange, e *channelEntry, las
 			return res, nil
 		}
 		v.started = started
-		rl.cool.fail(e.health, k, x.model, v)
-		rl.metrics.cooled(v.scope)
+		if v.scope != scopeNext {
+			rl.cool.fail(e.health, k, x.model, v)
+			rl.metrics.cooled(v.scope)
+		}
 		x.errText = fmt.Sprintf("%s: %s", e.ch.Name, v.reason)
 		if res != nil {
 			if *last != nil {
@@ -544,6 +548,16 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 		return rl.accept(ctx, actx, res, x, e, k, timer, stop)
 	}
 
+	if res.StatusCode < 200 || res.StatusCode >= 300 && res.StatusCode < 400 {
+		// A redirect means a wrong channel URL (http for https, a moved
+		// relay). It is never passed on: a client following it would send
+		// its own token to wherever it points.
+		io.Copy(io.Discard, io.LimitReader(res.Body, maxErrorBody))
+		res.Body.Close()
+		stop()
+		return nil, verdict{scope: scopeChannel, class: transient, status: res.StatusCode,
+			reason: fmt.Sprintf("%d %s (check the channel URL)", res.StatusCode, http.StatusText(res.StatusCode))}, nil
+	}
 	v := classifyStatus(res.StatusCode)
 	if v.scope == scopeNone {
 		// The client's own error: it goes back as is, nothing cools.
@@ -560,7 +574,11 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 		return nil, verdict{}, errClientGone
 	}
 	ue, isDoc := parseErrorDoc(body)
-	if res.StatusCode == http.StatusNotFound {
+	if res.StatusCode == http.StatusNotFound && x.auxiliary {
+		// A relay without count_tokens says nothing about the model or
+		// the channel's real work: try the next one, cool nothing.
+		v = verdict{scope: scopeNext, reason: "endpoint not supported by this channel"}
+	} else if res.StatusCode == http.StatusNotFound {
 		if isDoc {
 			v = verdict{scope: scopeModel, class: persistent, reason: "model not found"}
 		} else {

@@ -1134,3 +1134,58 @@ func TestPooledBodiesNeverCross(t *testing.T) {
 		t.Error("the flaky channel was never tried: no failover exercised")
 	}
 }
+
+// A redirect means a wrong channel URL; it is never passed on, since a
+// client following it would send its own token to wherever it points.
+func TestRedirectIsAChannelFailure(t *testing.T) {
+	e := newTestEnv(t)
+	a, b := newFakeUpstream(t, "a"), newFakeUpstream(t, "b")
+	a.set(fakeBehavior{Redirect: "https://elsewhere.example/v1/messages"})
+	ach := e.addChannel(Channel{Name: "a", URL: a.URL, Priority: 1})
+	e.addChannel(Channel{Name: "b", URL: b.URL})
+	resp, body := e.post("/v1/messages", anthropicBody("m", false))
+	if resp.StatusCode != 200 || b.count() != 1 || resp.Header.Get("Location") != "" {
+		t.Fatalf("status %d, b hits %d, Location %q: %s", resp.StatusCode, b.count(), resp.Header.Get("Location"), body)
+	}
+	if st := e.health(ach.ID); st.CooldownUntil == nil || !strings.Contains(st.CooldownReason, "308") {
+		t.Errorf("redirecting channel not cooled: %+v", st)
+	}
+	// With nothing else to try, the client gets a 503, never the redirect.
+	b.set(fakeBehavior{Redirect: "https://elsewhere.example/"})
+	e.app.cool.clearAll(e.app.cool.get(ach.ID))
+	resp, _ = e.post("/v1/messages", anthropicBody("m", false))
+	if resp.StatusCode != 503 || resp.Header.Get("Location") != "" {
+		t.Errorf("all redirect: status %d Location %q; want 503 without Location", resp.StatusCode, resp.Header.Get("Location"))
+	}
+}
+
+// A relay without count_tokens answers 404 there; that says nothing about
+// the model or the channel's real work.
+func TestCountTokens404TriesNextWithoutCooling(t *testing.T) {
+	e := newTestEnv(t)
+	a, b := newFakeUpstream(t, "a"), newFakeUpstream(t, "b")
+	a.script(func(_ int, r *http.Request) fakeBehavior {
+		if strings.HasSuffix(r.URL.Path, "/count_tokens") {
+			return fakeBehavior{Status: 404, ErrType: "not_found_error"}
+		}
+		return fakeBehavior{}
+	})
+	ach := e.addChannel(Channel{Name: "a", URL: a.URL, Priority: 1})
+	e.addChannel(Channel{Name: "b", URL: b.URL})
+	resp, _ := e.post("/v1/messages/count_tokens", `{"model":"m","messages":[]}`)
+	if resp.StatusCode != 200 || b.count() != 1 {
+		t.Fatalf("count_tokens: status %d, b hits %d; want 200 from b", resp.StatusCode, b.count())
+	}
+	if st := e.health(ach.ID); st.CooldownUntil != nil || len(st.Models) != 0 || st.Keys[0].CooldownUntil != nil {
+		t.Errorf("count_tokens 404 cooled something: %+v", st)
+	}
+	e.post("/v1/messages", anthropicBody("m", false))
+	if a.count() != 2 || b.count() != 1 {
+		t.Errorf("messages went elsewhere: hits a=%d b=%d; want a=2", a.count(), b.count())
+	}
+	// No channel has it: the last 404 goes back as is.
+	b.set(fakeBehavior{Status: 404, ErrType: "not_found_error"})
+	if resp, _ := e.post("/v1/messages/count_tokens", `{"model":"m","messages":[]}`); resp.StatusCode != 404 {
+		t.Errorf("none has count_tokens: status %d; want the upstream's 404", resp.StatusCode)
+	}
+}
