@@ -54,13 +54,14 @@ type config struct {
 	RedisURL         string
 	LogDays          int
 	FirstByteTimeout time.Duration
+	IdleTimeout      time.Duration
 	MaxBody          int64
 	ShutdownTimeout  time.Duration
 }
 
 // envVars lists every variable ccload reads, for .env handling and docs.
 var envVars = []string{"HOST", "PORT", "SQLITE_PATH", "CCLOAD_PASS", "CCLOAD_AUTH", "REDIS_URL",
-	"CCLOAD_LOG_DAYS", "CCLOAD_FIRST_BYTE_TIMEOUT", "CCLOAD_MAX_BODY", "CCLOAD_SHUTDOWN_TIMEOUT", "CCLOAD_LOG_LEVEL"}
+	"CCLOAD_LOG_DAYS", "CCLOAD_FIRST_BYTE_TIMEOUT", "CCLOAD_STREAM_IDLE_TIMEOUT", "CCLOAD_MAX_BODY", "CCLOAD_SHUTDOWN_TIMEOUT", "CCLOAD_LOG_LEVEL"}
 
 func loadConfig(getenv func(string) string) (config, error) {
 	c := config{
@@ -71,6 +72,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		RedisURL:         strings.TrimSpace(getenv("REDIS_URL")),
 		LogDays:          7,
 		FirstByteTimeout: 60 * time.Second,
+		IdleTimeout:      5 * time.Minute,
 		MaxBody:          32 << 20,
 		ShutdownTimeout:  60 * time.Second,
 	}
@@ -103,6 +105,13 @@ func loadConfig(getenv func(string) string) (config, error) {
 			errs = append(errs, fmt.Errorf("CCLOAD_FIRST_BYTE_TIMEOUT=%q: want a duration like 60s or 2m", v))
 		}
 		c.FirstByteTimeout = d
+	}
+	if v := getenv("CCLOAD_STREAM_IDLE_TIMEOUT"); v != "" {
+		d, err := parseDuration(v)
+		if err != nil || d < 0 {
+			errs = append(errs, fmt.Errorf("CCLOAD_STREAM_IDLE_TIMEOUT=%q: want a duration like 5m (0 turns it off)", v))
+		}
+		c.IdleTimeout = d
 	}
 	if v := getenv("CCLOAD_SHUTDOWN_TIMEOUT"); v != "" {
 		d, err := parseDuration(v)
@@ -319,6 +328,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	auth := newClientAuth(cfg.AuthTokens)
 	a.relay = newRelay(a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
 	a.relay.FirstByteTimeout = cfg.FirstByteTimeout
+	a.relay.IdleTimeout = cfg.IdleTimeout
 	a.relay.ResponseTimeout = max(defaultResponseTimeout, cfg.FirstByteTimeout)
 	a.relay.MaxBody = cfg.MaxBody
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,

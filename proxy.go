@@ -41,8 +41,12 @@ type relay struct {
 	// ResponseTimeout bounds, for a non-stream request, the wait for the
 	// response to begin: the whole answer is generated before it does.
 	ResponseTimeout time.Duration
-	MaxBody         int64
-	Now             func() time.Time
+	// IdleTimeout bounds the silence between reads once a response flows;
+	// 0 means none. A stream that outlasts it ends with an error event and
+	// cools its channel.
+	IdleTimeout time.Duration
+	MaxBody     int64
+	Now         func() time.Time
 
 	proxy    *httputil.ReverseProxy
 	inflight sync.WaitGroup // proxied requests not yet logged
@@ -56,7 +60,44 @@ const (
 var (
 	errClientGone       = errors.New("client went away")
 	errFirstByteTimeout = errors.New("first byte timeout")
+	errIdleTimeout      = errors.New("upstream idle timeout")
 )
+
+// attemptTimer bounds one attempt: first the wait for the response to
+// begin, then, once it flows, each silence between reads. Either ends the
+// attempt by cancelling its context with the cause.
+type attemptTimer struct {
+	t      *time.Timer
+	cancel context.CancelCauseFunc
+	idle   time.Duration // 0 until flowing; then the silence allowed
+}
+
+func startAttemptTimer(cancel context.CancelCauseFunc, wait time.Duration) *attemptTimer {
+	at := &attemptTimer{cancel: cancel}
+	at.t = time.AfterFunc(wait, func() { cancel(errFirstByteTimeout) })
+	return at
+}
+
+// flowing switches from the first-byte wait to the idle timeout (0: none).
+func (at *attemptTimer) flowing(idle time.Duration) {
+	at.t.Stop()
+	if idle > 0 {
+		at.idle = idle
+		at.t = time.AfterFunc(idle, func() { at.cancel(errIdleTimeout) })
+	}
+}
+
+// touch restarts the idle timeout: data just arrived.
+func (at *attemptTimer) touch() {
+	if at.idle > 0 {
+		at.t.Reset(at.idle)
+	}
+}
+
+func (at *attemptTimer) stop() {
+	at.t.Stop()
+	at.cancel(nil)
+}
 
 // newUpstreamTransport is the transport to channels. Timeouts sit on the
 // transport, never on a client or server, which would cut long streams.
@@ -81,6 +122,7 @@ func newRelay(sel *selector, cool *cooldowns, logs *logWriter, m *metrics, auth 
 		sel: sel, cool: cool, logs: logs, metrics: m, auth: auth, upstream: upstream,
 		FirstByteTimeout: 60 * time.Second,
 		ResponseTimeout:  defaultResponseTimeout,
+		IdleTimeout:      5 * time.Minute,
 		MaxBody:          32 << 20,
 		Now:              time.Now,
 	}
@@ -525,8 +567,8 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	if x.stream {
 		wait = rl.FirstByteTimeout
 	}
-	timer := time.AfterFunc(wait, func() { cancel(errFirstByteTimeout) })
-	stop := func() { timer.Stop(); cancel(nil) }
+	at := startAttemptTimer(cancel, wait)
+	stop := at.stop
 
 	req := out.WithContext(actx)
 	rl.prepare(req, x, e, k)
@@ -545,7 +587,7 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	}
 
 	if res.StatusCode >= 200 && res.StatusCode < 300 {
-		return rl.accept(ctx, actx, res, x, e, k, timer, stop)
+		return rl.accept(ctx, actx, res, x, e, k, at)
 	}
 
 	if res.StatusCode < 200 || res.StatusCode >= 300 && res.StatusCode < 400 {
@@ -561,7 +603,7 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	v := classifyStatus(res.StatusCode)
 	if v.scope == scopeNone {
 		// The client's own error: it goes back as is, nothing cools.
-		timer.Stop()
+		at.flowing(rl.IdleTimeout)
 		rl.commit(x, e, k, res.StatusCode, false)
 		res.Body = &plainBody{src: res.Body, keepTail: true, wantError: true,
 			onClose: func(end streamEnd) { rl.settle(x, e, k, end); stop() }}
@@ -599,7 +641,16 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 // bring a content event in time, and a body must be neither empty, HTML nor
 // an error document. Bad ones are failures like any other.
 func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchange, e *channelEntry, k int,
-	timer *time.Timer, stop func()) (*http.Response, verdict, error) {
+	at *attemptTimer) (*http.Response, verdict, error) {
+	stop := at.stop
+	// explain names a silence that outlasted the idle timeout; any other
+	// read error stays as it is (a client that left stays a cancellation).
+	explain := func(err error) error {
+		if context.Cause(actx) == errIdleTimeout {
+			return fmt.Errorf("no data from upstream for %s", rl.IdleTimeout)
+		}
+		return err
+	}
 	broken := func(status int, reason string) (*http.Response, verdict, error) {
 		res.Body.Close()
 		stop()
@@ -627,8 +678,9 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 			stop()
 			return rl.badOK(x, e, k, res, ue, sb.scan.earlyData)
 		}
-		timer.Stop()
+		at.flowing(rl.IdleTimeout)
 		rl.commit(x, e, k, res.StatusCode, true)
+		sb.touch, sb.explain = at.touch, explain
 		sb.onClose = func(end streamEnd) { rl.settle(x, e, k, end); stop() }
 		res.Body = sb
 		return res, verdict{}, nil
@@ -664,9 +716,9 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		res.Body.Close()
 		rest = http.NoBody
 	}
-	timer.Stop()
+	at.flowing(rl.IdleTimeout)
 	rl.commit(x, e, k, res.StatusCode, true)
-	res.Body = &plainBody{src: rest, head: head, pooled: head, keepTail: true,
+	res.Body = &plainBody{src: rest, head: head, pooled: head, keepTail: true, touch: at.touch, explain: explain,
 		onClose: func(end streamEnd) { rl.settle(x, e, k, end); stop() }}
 	return res, verdict{}, nil
 }

@@ -1189,3 +1189,28 @@ func TestCountTokens404TriesNextWithoutCooling(t *testing.T) {
 		t.Errorf("none has count_tokens: status %d; want the upstream's 404", resp.StatusCode)
 	}
 }
+
+// A stream that goes silent after content began ends with an error event
+// once the idle timeout passes, and its channel cools.
+func TestStreamIdleTimeout(t *testing.T) {
+	e := newTestEnv(t)
+	e.app.relay.IdleTimeout = 300 * time.Millisecond
+	up := newFakeUpstream(t, "a")
+	up.set(fakeBehavior{Deltas: 3, BlockDeltas: make(chan struct{})}) // the second delta never comes
+	ch := e.addChannel(Channel{Name: "a", URL: up.URL})
+	resp, body := e.post("/v1/messages", anthropicBody("m", true))
+	if resp.StatusCode != 200 || bytes.Count(body, []byte("event: content_block_delta")) != 1 {
+		t.Fatalf("status %d body:\n%s", resp.StatusCode, body)
+	}
+	name, data := lastEvent(body)
+	if ue, ok := parseErrorDoc(data); name != "error" || !ok || !strings.Contains(ue.message, "no data from upstream for 300ms") {
+		t.Errorf("stream does not end with the idle error event: %s %s", name, data)
+	}
+	l := e.lastLog()
+	if l.Status != 502 || !strings.Contains(l.Error, "no data from upstream") {
+		t.Errorf("log status %d error %q", l.Status, l.Error)
+	}
+	if st := e.health(ch.ID); st.CooldownUntil == nil {
+		t.Errorf("stalled channel not cooled: %+v", st)
+	}
+}

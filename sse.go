@@ -241,6 +241,15 @@ type sseBody struct {
 	// error ours to swallow and not the upstream's fault.
 	clientGone func() bool
 	onClose    func(streamEnd)
+	touch      func()            // data arrived (restarts the idle timeout); may be nil
+	explain    func(error) error // describes a read error; may be nil
+}
+
+// arrived notes a read of n bytes for the idle timeout.
+func (b *sseBody) arrived(n int) {
+	if n > 0 && b.touch != nil {
+		b.touch()
+	}
 }
 
 // waitFirst reads until the first content event. It returns the early error
@@ -308,6 +317,7 @@ func (b *sseBody) Read(p []byte) (int, error) {
 			// Nothing held: read straight into the caller's buffer and keep
 			// back only a trailing partial event.
 			n, err := b.src.Read(p)
+			b.arrived(n)
 			k := lastBoundary(p[:n])
 			if k > 0 {
 				b.scan.feed(p[:k])
@@ -330,6 +340,7 @@ func (b *sseBody) Read(p []byte) (int, error) {
 			b.pend = append(b.pend, 0)[:len(b.pend)]
 		}
 		n, err := b.src.Read(b.pend[len(b.pend):cap(b.pend)])
+		b.arrived(n)
 		b.pend = b.pend[:len(b.pend)+n]
 		if k := lastBoundary(b.pend); k > 0 {
 			b.scan.feed(b.pend[:k])
@@ -364,13 +375,19 @@ func (b *sseBody) finishRead(err error) {
 		b.err = io.EOF
 		return
 	}
-	b.end.err = err
 	if b.clientGone != nil && b.clientGone() {
-		b.err = err
+		b.end.err, b.err = err, err
 		return
 	}
+	msg := "upstream connection lost mid-stream: " + shortError(err)
+	if b.explain != nil {
+		if e := b.explain(err); e != err {
+			err, msg = e, e.Error()
+		}
+	}
+	b.end.err = err
 	b.dropPartial()
-	b.tail = streamErrorEvent(b.scan.proto, b.responses, "upstream connection lost mid-stream: "+shortError(err))
+	b.tail = streamErrorEvent(b.scan.proto, b.responses, msg)
 	b.err = io.EOF
 }
 
@@ -419,6 +436,8 @@ type plainBody struct {
 	closed    bool
 	sawEOF    bool
 	onClose   func(streamEnd)
+	touch     func()            // data arrived (restarts the idle timeout); may be nil
+	explain   func(error) error // describes a read error; may be nil
 }
 
 const tailSize = 4096
@@ -431,11 +450,17 @@ func (b *plainBody) Read(p []byte) (int, error) {
 		return n, nil
 	}
 	n, err := b.src.Read(p)
+	if n > 0 && b.touch != nil {
+		b.touch()
+	}
 	b.remember(p[:n])
 	if err != nil {
 		if errors.Is(err, io.EOF) {
 			b.sawEOF = true
 		} else {
+			if b.explain != nil {
+				err = b.explain(err)
+			}
 			b.end.err = err
 		}
 	}
