@@ -199,23 +199,19 @@ func newLoginLimiter(now func() time.Time) *loginLimiter {
 	return &loginLimiter{now: now, fails: make(map[string][]time.Time)}
 }
 
-// blocked reports whether ip is locked out, and for how long.
-func (l *loginLimiter) blocked(ip string) (time.Duration, bool) {
+// begin counts a login attempt from ip as failed until it succeeds, and
+// reports whether ip may try at all (else for how long it must wait).
+// Counting before the slow password check keeps a burst of concurrent
+// guesses from slipping past the limit.
+func (l *loginLimiter) begin(ip string) (time.Duration, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
 	recent := l.prune(ip, now)
-	if len(recent) < loginMaxFails {
-		return 0, false
+	if len(recent) >= loginMaxFails {
+		return recent[0].Add(loginWindow).Sub(now), false
 	}
-	return recent[0].Add(loginWindow).Sub(now), true
-}
-
-func (l *loginLimiter) fail(ip string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	now := l.now()
-	l.fails[ip] = append(l.prune(ip, now), now)
+	l.fails[ip] = append(recent, now)
 	if len(l.fails) > 10000 {
 		// Keep memory bounded under a spray of addresses.
 		for k := range l.fails {
@@ -223,6 +219,16 @@ func (l *loginLimiter) fail(ip string) {
 				delete(l.fails, k)
 			}
 		}
+	}
+	return 0, true
+}
+
+// forgive takes back the failure begin counted, after a right password.
+func (l *loginLimiter) forgive(ip string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if f := l.fails[ip]; len(f) > 0 {
+		l.fails[ip] = f[:len(f)-1]
 	}
 }
 
@@ -261,13 +267,6 @@ func sessionToken(r *http.Request) (tok string, fromCookie bool) {
 
 func (a *admin) handleLogin() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ip := clientIP(r)
-		if wait, ok := a.limiter.blocked(ip); ok {
-			w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())+1))
-			writeJSON(w, http.StatusTooManyRequests, map[string]string{
-				"error": fmt.Sprintf("too many failed logins: try again in %s", wait.Round(time.Second))})
-			return
-		}
 		var in struct {
 			Password string `json:"password"`
 		}
@@ -275,11 +274,18 @@ func (a *admin) handleLogin() http.Handler {
 			writeAPIError(w, r, err)
 			return
 		}
+		ip := clientIP(r)
+		if wait, ok := a.limiter.begin(ip); !ok {
+			w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())+1))
+			writeJSON(w, http.StatusTooManyRequests, map[string]string{
+				"error": fmt.Sprintf("too many failed logins: try again in %s", wait.Round(time.Second))})
+			return
+		}
 		if in.Password == "" || !a.pass.check(in.Password) {
-			a.limiter.fail(ip)
 			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "wrong password"})
 			return
 		}
+		a.limiter.forgive(ip)
 		tok := rand.Text() + rand.Text()
 		expires := a.now().Add(sessionTTL)
 		if err := a.store.CreateSession(r.Context(), tokenHash(tok), expires); err != nil {
@@ -409,7 +415,8 @@ func (a *admin) changeChannels(ctx context.Context, write func() error) error {
 		if err := write(); err != nil {
 			return err
 		}
-		return a.reload(ctx)
+		// Committed: the proxy must see it even if the admin client left.
+		return a.reload(context.WithoutCancel(ctx))
 	})
 }
 

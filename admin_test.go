@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -619,5 +621,38 @@ func TestChannelNameLengthCountsCharacters(t *testing.T) {
 	}
 	if st, _ := e.admin(tok, "POST", "/admin/channels", `{"name":"`+name+`渠","url":"https://a.example","api_key":"sk-123456789012"}`); st != 400 {
 		t.Errorf("101 characters: %d; want 400", st)
+	}
+}
+
+func TestChannelIDsAreNotReused(t *testing.T) {
+	e := newTestEnv(t)
+	tok := e.login()
+	mk := func(name string) int64 {
+		_, body := e.admin(tok, "POST", "/admin/channels", `{"name":"`+name+`","url":"https://a.example","api_key":"sk-123456789012"}`)
+		return decode[channelView](t, body).ID
+	}
+	mk("a")
+	b := mk("b")
+	e.admin(tok, "DELETE", fmt.Sprintf("/admin/channels/%d", b), "")
+	if c := mk("c"); c == b {
+		t.Errorf("deleted channel's id %d was given to a new channel: logs and stats would mix them", b)
+	}
+}
+
+func TestConcurrentWrongLoginsAreLimited(t *testing.T) {
+	e := newTestEnv(t)
+	var wg sync.WaitGroup
+	var checked atomic.Int64
+	for range 30 {
+		wg.Go(func() {
+			resp, _ := e.do("POST", "/login", `{"password":"guess"}`, nil)
+			if resp.StatusCode == 401 {
+				checked.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if n := checked.Load(); n != loginMaxFails {
+		t.Errorf("%d of 30 concurrent guesses were checked; want %d", n, loginMaxFails)
 	}
 }

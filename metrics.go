@@ -185,7 +185,7 @@ func promQuote(s string) string {
 // a client token: counts of traffic are not for the whole internet.
 func handleMetrics(src metricsSource, auth *clientAuth) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !isLoopback(r) {
+		if !isLocal(r) {
 			if _, ok := auth.identify(r, protoOpenAI); !ok || auth.open() {
 				http.Error(w, "metrics are open to loopback clients and client token holders", http.StatusUnauthorized)
 				return

@@ -153,9 +153,18 @@ func TestRetryAfter(t *testing.T) {
 		{http.Header{}, 0},
 	}
 	for _, tc := range cases {
-		if got := retryAfter(tc.h, now); got != tc.want {
+		if got := retryAfter(tc.h, 429, now); got != tc.want {
 			t.Errorf("retryAfter(%v) = %s; want %s", tc.h, got, tc.want)
 		}
+	}
+	// Rate-limit reset headers come with every response; only a 429 is
+	// about them. Retry-After counts on any status.
+	reset := http.Header{"X-Ratelimit-Reset-Requests": {"6m0s"}, "Anthropic-Ratelimit-Tokens-Reset": {now.Add(time.Minute).Format(time.RFC3339)}}
+	if got := retryAfter(reset, 503, now); got != 0 {
+		t.Errorf("reset headers on a 503: %s; want 0", got)
+	}
+	if got := retryAfter(http.Header{"Retry-After": {"7"}}, 503, now); got != 7*time.Second {
+		t.Errorf("Retry-After on a 503: %s; want 7s", got)
 	}
 }
 

@@ -175,9 +175,18 @@ type exchange struct {
 	firstByte     time.Duration
 	usage         usage
 	errText       string
-	committed     bool      // a response went to the client
-	attemptStart  time.Time // when the committed attempt began
+	lastFrom      attemptFrom // who gave the buffered last error response
+	committed     bool        // a response went to the client
+	attemptStart  time.Time   // when the committed attempt began
 	logged        bool
+}
+
+// attemptFrom is what the log says of an attempt.
+type attemptFrom struct {
+	entry         *channelEntry
+	key           int
+	upstreamModel string
+	errText       string
 }
 
 type exchangeKey struct{}
@@ -287,7 +296,10 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) (*bodyBuf, er
 		return nil, &http.MaxBytesError{Limit: limit}
 	}
 	rd := http.MaxBytesReader(w, r.Body, limit)
-	if r.ContentLength >= 0 {
+	// Up to the largest pooled class the buffer is taken at once; beyond
+	// it the body grows as it arrives, so a client cannot pin 32 MiB by
+	// announcing it and sending nothing.
+	if r.ContentLength >= 0 && bodyClass(int(r.ContentLength)) >= 0 {
 		bb := newBodyBuf(int(r.ContentLength))
 		if _, err := io.ReadFull(rd, bb.b); err != nil {
 			bb.release()
@@ -367,6 +379,8 @@ func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
 	for _, k := range credentialHeaders {
 		delete(h, k)
 	}
+	// A browser on the admin's origin would send the admin session.
+	delete(h, "Cookie")
 	delete(h, "Accept-Encoding")
 	if q := pr.Out.URL.RawQuery; q != "" && strings.Contains(q, "key=") {
 		v := pr.Out.URL.Query()
@@ -418,14 +432,19 @@ func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int)
 // bodyReader is a request body over bytes the exchange holds. Close lets
 // the bytes go: the transport closes the body once it has sent it, and a
 // stream that runs for minutes should not keep a 100 KiB request alive.
+// The HTTP/2 transport may Close from one goroutine while another Reads,
+// so both take mu (never held across a network write: there is no WriteTo).
 type bodyReader struct {
+	mu     sync.Mutex // guards b, off and closed
 	b      []byte
 	off    int
 	buf    *bodyBuf // the pooled buffer b points into; nil if b is not pooled
-	closed atomic.Bool
+	closed bool
 }
 
 func (r *bodyReader) Read(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.off >= len(r.b) {
 		return 0, io.EOF
 	}
@@ -434,19 +453,11 @@ func (r *bodyReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func (r *bodyReader) WriteTo(w io.Writer) (int64, error) {
-	if r.off >= len(r.b) {
-		return 0, nil
-	}
-	n, err := w.Write(r.b[r.off:])
-	r.off += n
-	return int64(n), err
-}
-
-// Close may come from the transport's writing goroutine and its caller
-// both; only the first lets go of the buffer.
 func (r *bodyReader) Close() error {
-	if r.closed.CompareAndSwap(false, true) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.closed {
+		r.closed = true
 		r.b = nil
 		if r.buf != nil {
 			r.buf.release()
@@ -508,6 +519,9 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 			if last != nil {
 				res := last
 				last = nil
+				// The log names whoever gave this answer, not the last tried.
+				f := x.lastFrom
+				x.entry, x.keyIndex, x.upstreamModel, x.errText = f.entry, f.key, f.upstreamModel, f.errText
 				x.status = res.StatusCode
 				return res, nil
 			}
@@ -546,6 +560,7 @@ func (rl *relay) tryChannel(out *http.Request, x *exchange, e *channelEntry, las
 				(*last).Body.Close()
 			}
 			*last = res
+			x.lastFrom = attemptFrom{entry: e, key: k, upstreamModel: x.upstreamModel, errText: x.errText}
 		}
 		if v.scope != scopeKey {
 			return nil, nil
@@ -570,7 +585,15 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	at := startAttemptTimer(cancel, wait)
 	stop := at.stop
 
-	req := out.WithContext(actx)
+	// The first attempt may use ReverseProxy's outbound request itself; a
+	// retry gets its own copy, since a transport may still look at the
+	// previous attempt's request after giving up on it.
+	var req *http.Request
+	if x.attempts == 1 {
+		req = out.WithContext(actx)
+	} else {
+		req = out.Clone(actx)
+	}
 	rl.prepare(req, x, e, k)
 	res, err := rl.upstream.RoundTrip(req)
 	if err != nil {
@@ -628,7 +651,7 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 		}
 	}
 	v.status = res.StatusCode
-	v.wait = retryAfter(res.Header, rl.Now())
+	v.wait = retryAfter(res.Header, res.StatusCode, rl.Now())
 	if isDoc && ue.message != "" {
 		v.reason = fmt.Sprintf("%d %s", res.StatusCode, truncate(ue.message, 160))
 	} else if v.reason == "" {
@@ -702,10 +725,16 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		return broken(http.StatusBadGateway, "empty response body")
 	case ct == "text/html" || bytes.HasPrefix(trimmed, []byte("<")):
 		return broken(http.StatusBadGateway, "HTML page instead of an API response")
-	case bytes.HasPrefix(trimmed, []byte(`{"error"`)) || bytes.HasPrefix(trimmed, []byte(`{"type":"error"`)):
-		more, _ := io.ReadAll(io.LimitReader(res.Body, maxErrorBody))
-		res.Body.Close()
+	case looksLikeErrorDoc(trimmed):
+		// Error documents are small: read up to the cap, and if the body
+		// is longer it is no error and goes on whole.
+		more, _ := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
 		doc := append(head, more...)
+		if len(more) > maxErrorBody {
+			head = doc
+			break
+		}
+		res.Body.Close()
 		if ue, ok := parseErrorDoc(doc); ok {
 			stop()
 			return rl.badOK(x, e, k, res, &ue, doc)
@@ -817,9 +846,11 @@ func classifyStatus(status int) verdict {
 }
 
 // retryAfter reads the upstream's own reset time: Retry-After (seconds or a
-// date), retry-after-ms, OpenAI's x-ratelimit-reset-* durations and
-// Anthropic's anthropic-ratelimit-*-reset times. 0 when none is given.
-func retryAfter(h http.Header, now time.Time) time.Duration {
+// date) and retry-after-ms on any status; on a 429 also OpenAI's
+// x-ratelimit-reset-* durations and Anthropic's anthropic-ratelimit-*-reset
+// times, which APIs send on every response and which say when a limit
+// resets, not when a failing key or channel recovers. 0 when none applies.
+func retryAfter(h http.Header, status int, now time.Time) time.Duration {
 	if v := h.Get("Retry-After-Ms"); v != "" {
 		if ms, err := strconv.ParseFloat(v, 64); err == nil && ms > 0 {
 			return time.Duration(ms * float64(time.Millisecond))
@@ -834,6 +865,9 @@ func retryAfter(h http.Header, now time.Time) time.Duration {
 		}
 	}
 	var d time.Duration
+	if status != http.StatusTooManyRequests {
+		return 0
+	}
 	for name, vs := range h {
 		lower := strings.ToLower(name)
 		switch {
@@ -859,6 +893,28 @@ func bufferedResponse(res *http.Response, body []byte) *http.Response {
 	res.Header.Set("Content-Length", strconv.Itoa(len(body)))
 	res.Header.Del("Content-Encoding")
 	return res
+}
+
+// looksLikeErrorDoc reports whether a JSON body opens the way the
+// protocols' error documents do: with an "error" member, or "type": "error".
+// Whitespace is allowed anywhere (Python's json.dumps adds it).
+func looksLikeErrorDoc(b []byte) bool {
+	if len(b) == 0 || b[0] != '{' {
+		return false
+	}
+	rest := b[skipSpace(b, 1):]
+	if bytes.HasPrefix(rest, []byte(`"error"`)) {
+		return true
+	}
+	if !bytes.HasPrefix(rest, []byte(`"type"`)) {
+		return false
+	}
+	rest = rest[skipSpace(rest, len(`"type"`)):]
+	if len(rest) == 0 || rest[0] != ':' {
+		return false
+	}
+	rest = rest[skipSpace(rest, 1):]
+	return bytes.HasPrefix(rest, []byte(`"error"`))
 }
 
 // mediaType is the lower-cased type of a Content-Type value, without
@@ -987,15 +1043,16 @@ func (rl *relay) finish(x *exchange) {
 	rl.logs.add(e)
 }
 
-// clientIP is the address the request came from, for the log. Behind a
-// local reverse proxy that is the proxy, so its X-Forwarded-For (last hop)
-// is used instead; from anyone else the header is not trusted.
+// clientIP is the address the request came from, for the log and the
+// login limit. Behind a reverse proxy on this machine that is the proxy, so
+// its X-Forwarded-For (last hop) is used instead; from anyone else the
+// header is not trusted, since any client can send it.
 func clientIP(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		host = r.RemoteAddr
 	}
-	if addr, err := netip.ParseAddr(host); err == nil && (addr.IsLoopback() || addr.IsPrivate()) {
+	if addr, err := netip.ParseAddr(host); err == nil && addr.Unmap().IsLoopback() {
 		if xff := r.Header.Get("X-Forwarded-For"); xff != "" {
 			if i := strings.LastIndexByte(xff, ','); i >= 0 {
 				xff = xff[i+1:]
@@ -1075,7 +1132,7 @@ func (a *clientAuth) open() bool { return len(a.tokens) == 0 }
 // proxy serves loopback clients only.
 func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
 	if a.open() {
-		return "local", isLoopback(r)
+		return "local", isLocal(r)
 	}
 	tok := presentedToken(r, p)
 	if tok == "" {
@@ -1094,6 +1151,9 @@ func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
 }
 
 func (a *clientAuth) denyMessage(r *http.Request) string {
+	if a.open() && forwarded(r) {
+		return "this request came through a proxy: set client tokens (CCLOAD_AUTH) to serve anyone but this machine"
+	}
 	if a.open() {
 		return "ccload serves only loopback clients until client tokens are set (CCLOAD_AUTH)"
 	}
@@ -1114,6 +1174,16 @@ func presentedToken(r *http.Request, p protocol) string {
 		return r.URL.Query().Get("key")
 	}
 	return ""
+}
+
+// isLocal reports whether the request comes from this machine itself, and
+// not through a reverse proxy on it, which would make every client of the
+// internet look local.
+func isLocal(r *http.Request) bool { return isLoopback(r) && !forwarded(r) }
+
+func forwarded(r *http.Request) bool {
+	h := r.Header
+	return h.Get("X-Forwarded-For") != "" || h.Get("Forwarded") != "" || h.Get("X-Real-Ip") != ""
 }
 
 func isLoopback(r *http.Request) bool {

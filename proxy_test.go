@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1212,5 +1213,192 @@ func TestStreamIdleTimeout(t *testing.T) {
 	}
 	if st := e.health(ch.ID); st.CooldownUntil == nil {
 		t.Errorf("stalled channel not cooled: %+v", st)
+	}
+}
+
+// Review follow-ups: each case below once went wrong.
+
+func TestLongNonErrorBodyStartingWithErrorKey(t *testing.T) {
+	e := newTestEnv(t)
+	payload := strings.Repeat("x", 100<<10)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"error":null,"data":"%s","usage":{"input_tokens":3,"output_tokens":4}}`, payload)
+	}))
+	defer up.Close()
+	e.addChannel(Channel{Name: "a", URL: up.URL})
+	resp, body := e.post("/v1/messages", anthropicBody("m", false))
+	if resp.StatusCode != 200 || !bytes.Contains(body, []byte(payload)) || !bytes.HasSuffix(body, []byte(`"output_tokens":4}}`)) {
+		t.Errorf("status %d, %d bytes; want the whole %d-byte body", resp.StatusCode, len(body), len(payload)+60)
+	}
+}
+
+func TestSpacedJSONErrorIn200FailsOver(t *testing.T) {
+	e := newTestEnv(t)
+	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}`)
+	}))
+	defer bad.Close()
+	good := newFakeUpstream(t, "good")
+	badCh := e.addChannel(Channel{Name: "bad", URL: bad.URL, Priority: 1})
+	e.addChannel(Channel{Name: "good", URL: good.URL})
+	if resp, body := e.post("/v1/messages", anthropicBody("m", false)); resp.StatusCode != 200 || good.count() != 1 {
+		t.Fatalf("status %d good hits %d: %s", resp.StatusCode, good.count(), body)
+	}
+	if st := e.health(badCh.ID); st.CooldownUntil == nil {
+		t.Errorf("channel with a 200 error not cooled: %+v", st)
+	}
+}
+
+func TestHugeFirstEventIsRelayed(t *testing.T) {
+	e := newTestEnv(t)
+	img := strings.Repeat("A", 1200<<10) // a base64 image chunk, 1.2 MB
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprintf(w, "data: {\"candidates\":[{\"content\":{\"parts\":[{\"inlineData\":{\"data\":\"%s\"}}]}}]}\n\n", img)
+	}))
+	defer up.Close()
+	e.addChannel(Channel{Name: "g", URL: up.URL, Type: "gemini"})
+	resp, body := e.post("/v1beta/models/img:streamGenerateContent?alt=sse", `{"contents":[]}`)
+	if resp.StatusCode != 200 || !bytes.Contains(body, []byte(img)) {
+		t.Errorf("status %d, %d bytes; want the 1.2 MB event relayed", resp.StatusCode, len(body))
+	}
+}
+
+func TestOpenAIStreamWithoutContentFailsOver(t *testing.T) {
+	for _, tc := range []struct{ name, stream string }{
+		{"done only", "data: [DONE]\n\n"},
+		{"role then error", "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n" +
+			"data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newTestEnv(t)
+			bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "text/event-stream")
+				io.WriteString(w, tc.stream)
+			}))
+			defer bad.Close()
+			good := newFakeUpstream(t, "good")
+			e.addChannel(Channel{Name: "bad", URL: bad.URL, Type: "openai", Priority: 1})
+			e.addChannel(Channel{Name: "good", URL: good.URL, Type: "openai"})
+			resp, body := e.post("/v1/chat/completions", `{"model":"gpt-x","stream":true,"messages":[]}`)
+			if resp.StatusCode != 200 || good.count() != 1 || !bytes.Contains(body, []byte(`"content":"Hello"`)) {
+				t.Errorf("status %d good hits %d body:\n%s", resp.StatusCode, good.count(), body)
+			}
+		})
+	}
+}
+
+func TestRateLimitHeadersDoNotShortenOtherCooldowns(t *testing.T) {
+	e := newTestEnv(t)
+	a, b := newFakeUpstream(t, "a"), newFakeUpstream(t, "b")
+	a.script(func(int, *http.Request) fakeBehavior { return fakeBehavior{Status: 401} })
+	// The fake can't add headers to errors, so wrap it.
+	wrapped := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Ratelimit-Reset-Requests", "20ms")
+		w.Header().Set("Anthropic-Ratelimit-Requests-Reset", time.Now().Add(time.Second).UTC().Format(time.RFC3339))
+		a.Config.Handler.ServeHTTP(w, r)
+	}))
+	defer wrapped.Close()
+	ach := e.addChannel(Channel{Name: "a", URL: wrapped.URL, Priority: 1})
+	e.addChannel(Channel{Name: "b", URL: b.URL})
+	e.post("/v1/messages", anthropicBody("m", false))
+	st := e.health(ach.ID)
+	if st.Keys[0].CooldownUntil == nil || time.Until(*st.Keys[0].CooldownUntil) < 4*time.Minute {
+		t.Errorf("401 key cooldown %v; want the 5-minute auth base, not the rate-limit reset", st.Keys[0].CooldownUntil)
+	}
+}
+
+func TestLastErrorLoggedUnderItsChannel(t *testing.T) {
+	e := newTestEnv(t)
+	a := newFakeUpstream(t, "a")
+	a.set(fakeBehavior{Status: 500})
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := "http://" + ln.Addr().String()
+	ln.Close()
+	ach := e.addChannel(Channel{Name: "a", URL: a.URL, Priority: 1})
+	e.addChannel(Channel{Name: "dead", URL: dead})
+	resp, _ := e.post("/v1/messages", anthropicBody("m", false))
+	l := e.lastLog()
+	if resp.StatusCode != 500 || l.Status != 500 || l.ChannelID != ach.ID || !strings.HasPrefix(l.Error, "a:") || l.Attempts != 2 {
+		t.Errorf("status %d; log channel %d (%s) error %q attempts %d; want a's 500 under a", resp.StatusCode, l.ChannelID, l.ChannelName, l.Error, l.Attempts)
+	}
+}
+
+func TestNoTokensRefusesForwardedRequests(t *testing.T) {
+	e := newTestEnv(t)
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "a", URL: up.URL})
+	// A reverse proxy on this machine: the peer is loopback, the client not.
+	resp, body := e.do("POST", "/v1/messages", anthropicBody("m", false), map[string]string{"X-Forwarded-For": "203.0.113.7"})
+	if resp.StatusCode != 401 || !strings.Contains(string(body), "CCLOAD_AUTH") || up.count() != 0 {
+		t.Errorf("forwarded request without tokens: %d %s", resp.StatusCode, body)
+	}
+	if resp, _ := e.do("GET", "/metrics", "", map[string]string{"X-Forwarded-For": "203.0.113.7"}); resp.StatusCode != 401 {
+		t.Errorf("forwarded /metrics: %d; want 401", resp.StatusCode)
+	}
+}
+
+func TestForwardedForTrustedFromLoopbackOnly(t *testing.T) {
+	for _, tc := range []struct{ peer, want string }{
+		{"127.0.0.1:5", "198.51.100.9"},
+		{"10.0.0.5:5", "10.0.0.5"},
+		{"203.0.113.1:5", "203.0.113.1"},
+	} {
+		r, _ := http.NewRequest("GET", "/", nil)
+		r.RemoteAddr = tc.peer
+		r.Header.Set("X-Forwarded-For", "1.2.3.4, 198.51.100.9")
+		if got := clientIP(r); got != tc.want {
+			t.Errorf("peer %s: clientIP %q; want %q", tc.peer, got, tc.want)
+		}
+	}
+}
+
+func TestCookieNotForwarded(t *testing.T) {
+	e := newTestEnv(t)
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "a", URL: up.URL})
+	e.do("POST", "/v1/messages", anthropicBody("m", false), map[string]string{"Cookie": sessionCookie + "=secret-session"})
+	if c := up.requests()[0].Header.Get("Cookie"); c != "" {
+		t.Errorf("cookie reached the upstream: %q", c)
+	}
+}
+
+// Real APIs speak HTTP/2 over TLS. A stream relays through it, and an
+// upstream that answers before reading a large body (the transport then
+// closes the body from another goroutine) is race-free.
+func TestHTTP2Upstream(t *testing.T) {
+	e := newTestEnv(t)
+	fake := newFakeUpstream(t, "inner")
+	h2 := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ProtoMajor != 2 {
+			http.Error(w, "want HTTP/2", 505)
+			return
+		}
+		if r.ContentLength > 1<<20 {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(400) // before reading the body
+			io.WriteString(w, `{"type":"error","error":{"type":"invalid_request_error","message":"too long"}}`)
+			return
+		}
+		fake.Config.Handler.ServeHTTP(w, r)
+	}))
+	h2.EnableHTTP2 = true
+	h2.StartTLS()
+	defer h2.Close()
+	tr := newUpstreamTransport()
+	tr.TLSClientConfig = h2.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
+	e.app.relay.upstream = tr
+	e.addChannel(Channel{Name: "h2", URL: h2.URL})
+	resp, body := e.post("/v1/messages", anthropicBody("m", true))
+	if resp.StatusCode != 200 || !bytes.Contains(body, []byte("event: message_stop")) {
+		t.Fatalf("h2 stream: %d\n%s", resp.StatusCode, body)
+	}
+	big := `{"model":"m","system":"` + strings.Repeat("y", 3<<20) + `","messages":[]}`
+	for range 5 {
+		if resp, body := e.post("/v1/messages", big); resp.StatusCode != 400 {
+			t.Errorf("early 400 over h2: %d %s", resp.StatusCode, body)
+		}
 	}
 }

@@ -4,7 +4,7 @@
 
 -- version 1
 CREATE TABLE channels (
-	id              INTEGER PRIMARY KEY,
+	id              INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: logs refer to ids
 	name            TEXT NOT NULL COLLATE NOCASE UNIQUE,
 	url             TEXT NOT NULL,
 	api_keys        TEXT NOT NULL DEFAULT '[]',  -- JSON array of full keys

@@ -58,6 +58,9 @@ func classifyEvent(p protocol, name, data []byte) eventKind {
 		if bytes.Contains(data, []byte(`"finish_reason":"`)) {
 			return evEnd
 		}
+		if roleOnlyChunk(data) {
+			return evPreamble
+		}
 		return evContent
 	default:
 		if len(data) == 0 {
@@ -68,6 +71,15 @@ func classifyEvent(p protocol, name, data []byte) eventKind {
 		}
 		return evContent
 	}
+}
+
+// roleOnlyChunk reports whether a chat completion chunk only announces the
+// assistant's role, with no text or tool call yet: not content, so a
+// stream that fails right after it can still fail over unseen.
+func roleOnlyChunk(data []byte) bool {
+	return bytes.Contains(data, []byte(`"role":"assistant"`)) &&
+		(bytes.Contains(data, []byte(`"content":""`)) || bytes.Contains(data, []byte(`"content":null`))) &&
+		!bytes.Contains(data, []byte(`"tool_calls"`)) && !bytes.Contains(data, []byte(`"reasoning`))
 }
 
 // jsonTypeField returns the value of a leading "type" member, the way every
@@ -154,7 +166,12 @@ func (s *sseScanner) dispatch() {
 	case evContent:
 		s.sawContent = true
 	case evEnd:
-		s.sawContent = true
+		if !s.sawContent && s.earlyErr == nil {
+			// An end with nothing before it ([DONE] alone, say) is a
+			// broken upstream, not an empty answer.
+			s.earlyErr = &upstreamError{status: 502, message: "stream ended before any content"}
+			return
+		}
 		s.done = true
 	case evError:
 		e, ok := parseErrorDoc(data)
@@ -284,7 +301,11 @@ func (b *sseBody) waitFirst() (*upstreamError, error) {
 			return nil, err
 		}
 		if len(b.pend) > maxHeldEvent {
-			return nil, errors.New("first event larger than 1 MiB")
+			// A first event this large (an image, say) is content: relay
+			// it in pieces rather than hold it or call it a failure.
+			b.ready = len(b.pend)
+			b.scan.sawContent = true
+			return nil, nil
 		}
 	}
 	return b.scan.earlyErr, nil
