@@ -1373,7 +1373,7 @@ func TestHTTP2Upstream(t *testing.T) {
 	fake := newFakeUpstream(t, "inner")
 	h2 := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.ProtoMajor != 2 {
-			http.Error(w, "want HTTP/2", 505)
+			http.Error(w, "want HTTP/2", http.StatusHTTPVersionNotSupported)
 			return
 		}
 		if r.ContentLength > 1<<20 {
