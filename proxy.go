@@ -176,7 +176,6 @@ type exchange struct {
 	usage         usage
 	errText       string
 	lastFrom      attemptFrom // who gave the buffered last error response
-	committed     bool        // a response went to the client
 	attemptStart  time.Time   // when the committed attempt began
 	logged        bool
 }
@@ -785,7 +784,6 @@ func (rl *relay) commit(x *exchange, e *channelEntry, k int, status int, ok bool
 	x.firstByte = rl.Now().Sub(x.start)
 	x.entry, x.keyIndex = e, k
 	x.errText = ""
-	x.committed = true
 	// No retry can follow: let the request body go, however long the
 	// response runs.
 	x.dropBody()
