@@ -919,3 +919,50 @@ func firstNonEmpty(s ...string) string {
 	}
 	return ""
 }
+
+// handleModels answers GET /v1/models from the configuration: Anthropic's
+// shape when the client sent anthropic-version, OpenAI's otherwise.
+func (rl *relay) handleModels() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		anthropic := r.Header.Get("Anthropic-Version") != ""
+		p := protoOpenAI
+		if anthropic {
+			p = protoAnthropic
+		}
+		if _, ok := rl.auth.identify(r, p); !ok {
+			writeError(w, p, http.StatusUnauthorized, rl.auth.denyMessage(r))
+			return
+		}
+		models := rl.sel.current().routes[p].models
+		w.Header().Set("Content-Type", "application/json")
+		if anthropic {
+			type model struct {
+				Type        string `json:"type"`
+				ID          string `json:"id"`
+				DisplayName string `json:"display_name"`
+				CreatedAt   string `json:"created_at"`
+			}
+			data := make([]model, 0, len(models))
+			for _, m := range models {
+				data = append(data, model{Type: "model", ID: m, DisplayName: m, CreatedAt: "1970-01-01T00:00:00Z"})
+			}
+			resp := map[string]any{"data": data, "has_more": false, "first_id": nil, "last_id": nil}
+			if len(models) > 0 {
+				resp["first_id"], resp["last_id"] = models[0], models[len(models)-1]
+			}
+			json.NewEncoder(w).Encode(resp)
+			return
+		}
+		type model struct {
+			ID      string `json:"id"`
+			Object  string `json:"object"`
+			Created int64  `json:"created"`
+			OwnedBy string `json:"owned_by"`
+		}
+		data := make([]model, 0, len(models))
+		for _, m := range models {
+			data = append(data, model{ID: m, Object: "model", OwnedBy: "ccload"})
+		}
+		json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": data})
+	})
+}

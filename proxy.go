@@ -3,10 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,12 +10,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
-	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -287,88 +281,6 @@ func (rl *relay) reject(w http.ResponseWriter, x *exchange, status int, msg stri
 	writeError(w, x.proto, status, msg)
 }
 
-// readBody reads the whole request body, refusing more than limit bytes. The
-// proxy needs all of it: to find the model, and to send it again on retry.
-// A body of known length is read into a pooled buffer (see bodyBuf).
-func readBody(w http.ResponseWriter, r *http.Request, limit int64) (*bodyBuf, error) {
-	if r.ContentLength > limit {
-		return nil, &http.MaxBytesError{Limit: limit}
-	}
-	rd := http.MaxBytesReader(w, r.Body, limit)
-	// Up to the largest pooled class the buffer is taken at once; beyond
-	// it the body grows as it arrives, so a client cannot pin 32 MiB by
-	// announcing it and sending nothing.
-	if r.ContentLength >= 0 && bodyClass(int(r.ContentLength)) >= 0 {
-		bb := newBodyBuf(int(r.ContentLength))
-		if _, err := io.ReadFull(rd, bb.b); err != nil {
-			bb.release()
-			return nil, err
-		}
-		return bb, nil
-	}
-	b, err := io.ReadAll(rd)
-	if err != nil {
-		return nil, err
-	}
-	bb := &bodyBuf{b: b}
-	bb.refs.Store(1)
-	return bb, nil
-}
-
-// bodyBuf is a request body shared by the exchange and the readers the
-// transport sends it with. Claude Code sends 100 KiB and more per request;
-// allocating and zeroing that afresh each time made the collector a large
-// share of the relay's CPU. The buffer goes back to its pool when the last
-// holder lets go: the exchange once a response is committed (or the
-// request ends), a reader when the transport closes it.
-type bodyBuf struct {
-	b    []byte
-	pool *sync.Pool   // nil: not pooled
-	refs atomic.Int32 // holders left
-}
-
-// bodyPools hold buffers by capacity class, 4 KiB to 4 MiB, each class
-// four times the last. Larger bodies are not pooled.
-var bodyPools [6]sync.Pool
-
-func bodyClass(n int) int {
-	size := 4 << 10
-	for c := range bodyPools {
-		if n <= size {
-			return c
-		}
-		size *= 4
-	}
-	return -1
-}
-
-func newBodyBuf(n int) *bodyBuf {
-	bb := &bodyBuf{}
-	bb.refs.Store(1)
-	c := bodyClass(n)
-	if c < 0 {
-		bb.b = make([]byte, n)
-		return bb
-	}
-	bb.pool = &bodyPools[c]
-	if p, ok := bb.pool.Get().(*[]byte); ok {
-		bb.b = (*p)[:n]
-	} else {
-		bb.b = make([]byte, n, (4<<10)<<(2*c))
-	}
-	return bb
-}
-
-func (bb *bodyBuf) hold() { bb.refs.Add(1) }
-
-func (bb *bodyBuf) release() {
-	if bb.refs.Add(-1) == 0 && bb.pool != nil {
-		b := bb.b[:0]
-		bb.b = nil
-		bb.pool.Put(&b)
-	}
-}
-
 // rewrite prepares the outbound request once; each attempt then sets its
 // own destination and key (see prepare). The client's credentials never go
 // upstream. Accept-Encoding is left to the transport, which decodes what it
@@ -425,67 +337,6 @@ func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int)
 		h["Authorization"] = e.bearerValue[k]
 	case protoGemini:
 		h["X-Goog-Api-Key"] = e.keyValue[k]
-	}
-}
-
-// bodyReader is a request body over bytes the exchange holds. Close lets
-// the bytes go: the transport closes the body once it has sent it, and a
-// stream that runs for minutes should not keep a 100 KiB request alive.
-// The HTTP/2 transport may Close from one goroutine while another Reads,
-// so both take mu (never held across a network write: there is no WriteTo).
-type bodyReader struct {
-	mu     sync.Mutex // guards b, off and closed
-	b      []byte
-	off    int
-	buf    *bodyBuf // the pooled buffer b points into; nil if b is not pooled
-	closed bool
-}
-
-func (r *bodyReader) Read(p []byte) (int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.off >= len(r.b) {
-		return 0, io.EOF
-	}
-	n := copy(p, r.b[r.off:])
-	r.off += n
-	return n, nil
-}
-
-func (r *bodyReader) Close() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if !r.closed {
-		r.closed = true
-		r.b = nil
-		if r.buf != nil {
-			r.buf.release()
-		}
-	}
-	return nil
-}
-
-// newBodyReader returns a reader over the body the current attempt sends,
-// holding the pooled buffer when that is what it reads.
-func (x *exchange) newBodyReader() *bodyReader {
-	r := &bodyReader{b: x.sent}
-	if x.buf != nil && len(x.sent) > 0 && len(x.buf.b) > 0 && &x.sent[0] == &x.buf.b[0] {
-		x.buf.hold()
-		r.buf = x.buf
-	}
-	return r
-}
-
-// reopenBody is the request's GetBody: the transport may resend a body on a
-// fresh connection before any response arrives.
-func (x *exchange) reopenBody() (io.ReadCloser, error) { return x.newBodyReader(), nil }
-
-// dropBody lets go of the request body: no attempt can follow.
-func (x *exchange) dropBody() {
-	x.body, x.sent = nil, nil
-	if x.buf != nil {
-		x.buf.release()
-		x.buf = nil
 	}
 }
 
@@ -1041,26 +892,6 @@ func (rl *relay) finish(x *exchange) {
 	rl.logs.add(e)
 }
 
-// clientIP is the address the request came from, for the log and the
-// login limit. Behind a reverse proxy on this machine that is the proxy, so
-// its X-Forwarded-For (last hop) is used instead; from anyone else the
-// header is not trusted, since any client can send it.
-func clientIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		host = r.RemoteAddr
-	}
-	if addr, err := netip.ParseAddr(host); err == nil && addr.Unmap().IsLoopback() {
-		if xff := r.Header.Get("X-Forwarded-For"); xff != "" {
-			if i := strings.LastIndexByte(xff, ','); i >= 0 {
-				xff = xff[i+1:]
-			}
-			return strings.TrimSpace(xff)
-		}
-	}
-	return host
-}
-
 func shortError(err error) string {
 	var ue *url.Error
 	if errors.As(err, &ue) {
@@ -1090,152 +921,4 @@ func formatBytes(n int64) string {
 		return fmt.Sprintf("%dKiB", n>>10)
 	}
 	return fmt.Sprintf("%d bytes", n)
-}
-
-// clientAuth checks the proxy's client tokens (CCLOAD_AUTH).
-type clientAuth struct {
-	tokens []clientToken
-}
-
-type clientToken struct {
-	name   string
-	digest [32]byte
-}
-
-// newClientAuth parses "name:token" or bare "token" entries. A bare token is
-// named by a short hash, so logs can tell clients apart without holding it.
-func newClientAuth(entries []string) *clientAuth {
-	a := &clientAuth{}
-	for _, raw := range entries {
-		raw = strings.TrimSpace(raw)
-		if raw == "" {
-			continue
-		}
-		name, tok, ok := strings.Cut(raw, ":")
-		if !ok || name == "" || tok == "" {
-			name, tok = "", raw
-		}
-		d := sha256.Sum256([]byte(tok))
-		if name == "" {
-			name = "tok-" + hex.EncodeToString(d[:4])
-		}
-		a.tokens = append(a.tokens, clientToken{name: name, digest: d})
-	}
-	return a
-}
-
-func (a *clientAuth) open() bool { return len(a.tokens) == 0 }
-
-// identify returns the client's token name, or ok=false. Without tokens the
-// proxy serves loopback clients only.
-func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
-	if a.open() {
-		return "local", isLocal(r)
-	}
-	tok := presentedToken(r, p)
-	if tok == "" {
-		return "", false
-	}
-	d := sha256.Sum256([]byte(tok))
-	name := ""
-	// Compare against every token, always: the time taken says nothing
-	// about which one (if any) matched.
-	for i := range a.tokens {
-		if subtle.ConstantTimeCompare(d[:], a.tokens[i].digest[:]) == 1 {
-			name = a.tokens[i].name
-		}
-	}
-	return name, name != ""
-}
-
-func (a *clientAuth) denyMessage(r *http.Request) string {
-	if a.open() && forwarded(r) {
-		return "this request came through a proxy: set client tokens (CCLOAD_AUTH) to serve anyone but this machine"
-	}
-	if a.open() {
-		return "ccload serves only loopback clients until client tokens are set (CCLOAD_AUTH)"
-	}
-	return "missing or invalid client token: send Authorization: Bearer <token> or x-api-key"
-}
-
-func presentedToken(r *http.Request, p protocol) string {
-	if v := r.Header.Get("Authorization"); len(v) > 7 && strings.EqualFold(v[:7], "bearer ") {
-		return strings.TrimSpace(v[7:])
-	}
-	if v := r.Header.Get("X-Api-Key"); v != "" {
-		return v
-	}
-	if p == protoGemini {
-		if v := r.Header.Get("X-Goog-Api-Key"); v != "" {
-			return v
-		}
-		return r.URL.Query().Get("key")
-	}
-	return ""
-}
-
-// isLocal reports whether the request comes from this machine itself, and
-// not through a reverse proxy on it, which would make every client of the
-// internet look local.
-func isLocal(r *http.Request) bool { return isLoopback(r) && !forwarded(r) }
-
-func forwarded(r *http.Request) bool {
-	h := r.Header
-	return h.Get("X-Forwarded-For") != "" || h.Get("Forwarded") != "" || h.Get("X-Real-Ip") != ""
-}
-
-func isLoopback(r *http.Request) bool {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return false
-	}
-	addr, err := netip.ParseAddr(host)
-	return err == nil && addr.Unmap().IsLoopback()
-}
-
-// handleModels answers GET /v1/models from the configuration: Anthropic's
-// shape when the client sent anthropic-version, OpenAI's otherwise.
-func (rl *relay) handleModels() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		anthropic := r.Header.Get("Anthropic-Version") != ""
-		p := protoOpenAI
-		if anthropic {
-			p = protoAnthropic
-		}
-		if _, ok := rl.auth.identify(r, p); !ok {
-			writeError(w, p, http.StatusUnauthorized, rl.auth.denyMessage(r))
-			return
-		}
-		models := rl.sel.current().routes[p].models
-		w.Header().Set("Content-Type", "application/json")
-		if anthropic {
-			type model struct {
-				Type        string `json:"type"`
-				ID          string `json:"id"`
-				DisplayName string `json:"display_name"`
-				CreatedAt   string `json:"created_at"`
-			}
-			data := make([]model, 0, len(models))
-			for _, m := range models {
-				data = append(data, model{Type: "model", ID: m, DisplayName: m, CreatedAt: "1970-01-01T00:00:00Z"})
-			}
-			resp := map[string]any{"data": data, "has_more": false, "first_id": nil, "last_id": nil}
-			if len(models) > 0 {
-				resp["first_id"], resp["last_id"] = models[0], models[len(models)-1]
-			}
-			json.NewEncoder(w).Encode(resp)
-			return
-		}
-		type model struct {
-			ID      string `json:"id"`
-			Object  string `json:"object"`
-			Created int64  `json:"created"`
-			OwnedBy string `json:"owned_by"`
-		}
-		data := make([]model, 0, len(models))
-		for _, m := range models {
-			data = append(data, model{ID: m, Object: "model", OwnedBy: "ccload"})
-		}
-		json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": data})
-	})
 }

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+)
+
+// Request bodies. The relay reads each body whole (to find the model and to
+// send it again on failover) into a pooled, reference-counted buffer, and
+// hands every attempt a fresh reader over the same bytes.
+
+// readBody reads the whole request body, refusing more than limit bytes. The
+// proxy needs all of it: to find the model, and to send it again on retry.
+// A body of known length is read into a pooled buffer (see bodyBuf).
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) (*bodyBuf, error) {
+	if r.ContentLength > limit {
+		return nil, &http.MaxBytesError{Limit: limit}
+	}
+	rd := http.MaxBytesReader(w, r.Body, limit)
+	// Up to the largest pooled class the buffer is taken at once; beyond
+	// it the body grows as it arrives, so a client cannot pin 32 MiB by
+	// announcing it and sending nothing.
+	if r.ContentLength >= 0 && bodyClass(int(r.ContentLength)) >= 0 {
+		bb := newBodyBuf(int(r.ContentLength))
+		if _, err := io.ReadFull(rd, bb.b); err != nil {
+			bb.release()
+			return nil, err
+		}
+		return bb, nil
+	}
+	b, err := io.ReadAll(rd)
+	if err != nil {
+		return nil, err
+	}
+	bb := &bodyBuf{b: b}
+	bb.refs.Store(1)
+	return bb, nil
+}
+
+// bodyBuf is a request body shared by the exchange and the readers the
+// transport sends it with. Claude Code sends 100 KiB and more per request;
+// allocating and zeroing that afresh each time made the collector a large
+// share of the relay's CPU. The buffer goes back to its pool when the last
+// holder lets go: the exchange once a response is committed (or the
+// request ends), a reader when the transport closes it.
+type bodyBuf struct {
+	b    []byte
+	pool *sync.Pool   // nil: not pooled
+	refs atomic.Int32 // holders left
+}
+
+// bodyPools hold buffers by capacity class, 4 KiB to 4 MiB, each class
+// four times the last. Larger bodies are not pooled.
+var bodyPools [6]sync.Pool
+
+func bodyClass(n int) int {
+	size := 4 << 10
+	for c := range bodyPools {
+		if n <= size {
+			return c
+		}
+		size *= 4
+	}
+	return -1
+}
+
+func newBodyBuf(n int) *bodyBuf {
+	bb := &bodyBuf{}
+	bb.refs.Store(1)
+	c := bodyClass(n)
+	if c < 0 {
+		bb.b = make([]byte, n)
+		return bb
+	}
+	bb.pool = &bodyPools[c]
+	if p, ok := bb.pool.Get().(*[]byte); ok {
+		bb.b = (*p)[:n]
+	} else {
+		bb.b = make([]byte, n, (4<<10)<<(2*c))
+	}
+	return bb
+}
+
+func (bb *bodyBuf) hold() { bb.refs.Add(1) }
+
+func (bb *bodyBuf) release() {
+	if bb.refs.Add(-1) == 0 && bb.pool != nil {
+		b := bb.b[:0]
+		bb.b = nil
+		bb.pool.Put(&b)
+	}
+}
+
+// bodyReader is a request body over bytes the exchange holds. Close lets
+// the bytes go: the transport closes the body once it has sent it, and a
+// stream that runs for minutes should not keep a 100 KiB request alive.
+// The HTTP/2 transport may Close from one goroutine while another Reads,
+// so both take mu (never held across a network write: there is no WriteTo).
+type bodyReader struct {
+	mu     sync.Mutex // guards b, off and closed
+	b      []byte
+	off    int
+	buf    *bodyBuf // the pooled buffer b points into; nil if b is not pooled
+	closed bool
+}
+
+func (r *bodyReader) Read(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.off >= len(r.b) {
+		return 0, io.EOF
+	}
+	n := copy(p, r.b[r.off:])
+	r.off += n
+	return n, nil
+}
+
+func (r *bodyReader) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.closed {
+		r.closed = true
+		r.b = nil
+		if r.buf != nil {
+			r.buf.release()
+		}
+	}
+	return nil
+}
+
+// newBodyReader returns a reader over the body the current attempt sends,
+// holding the pooled buffer when that is what it reads.
+func (x *exchange) newBodyReader() *bodyReader {
+	r := &bodyReader{b: x.sent}
+	if x.buf != nil && len(x.sent) > 0 && len(x.buf.b) > 0 && &x.sent[0] == &x.buf.b[0] {
+		x.buf.hold()
+		r.buf = x.buf
+	}
+	return r
+}
+
+// reopenBody is the request's GetBody: the transport may resend a body on a
+// fresh connection before any response arrives.
+func (x *exchange) reopenBody() (io.ReadCloser, error) { return x.newBodyReader(), nil }
+
+// dropBody lets go of the request body: no attempt can follow.
+func (x *exchange) dropBody() {
+	x.body, x.sent = nil, nil
+	if x.buf != nil {
+		x.buf.release()
+		x.buf = nil
+	}
+}
