@@ -656,3 +656,30 @@ func TestConcurrentWrongLoginsAreLimited(t *testing.T) {
 		t.Errorf("%d of 30 concurrent guesses were checked; want %d", n, loginMaxFails)
 	}
 }
+
+// The channel test is sent and judged by the relay's own code: a 200 HTML
+// page is a failure there, so it is one here too, and it must not clear the
+// channel's cooldowns. The model it picks is the same every time.
+func TestTestChannelJudgesLikeTheRelay(t *testing.T) {
+	e := newTestEnv(t)
+	tok := e.login()
+	up := newFakeUpstream(t, "html")
+	up.set(fakeBehavior{HTMLBody: true})
+	ch := e.addChannel(Channel{Name: "h", URL: up.URL, ModelRedirects: map[string]string{"zeta": "z-up", "alpha": "a-up", "mid": "m-up"}})
+	e.app.cool.fail(e.app.cool.get(ch.ID), 0, "", verdict{scope: scopeChannel, base: time.Minute, status: 503})
+	for i := range 5 {
+		st, body := e.admin(tok, "POST", fmt.Sprintf("/admin/channels/%d/test", ch.ID), "")
+		res := decode[testResult](t, body)
+		if st != 200 || res.OK || res.Status != 502 || !strings.Contains(res.Message, "HTML") || res.Model != "alpha" {
+			t.Fatalf("test %d: %d %s", i, st, body)
+		}
+	}
+	if s := e.health(ch.ID); s.CooldownUntil == nil {
+		t.Error("a failed test cleared the channel's cooldown")
+	}
+	for _, r := range up.requests() {
+		if !strings.Contains(string(r.Body), `"a-up"`) {
+			t.Errorf("test sent %s; want the redirected model a-up", r.Body)
+		}
+	}
+}

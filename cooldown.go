@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,19 +26,13 @@ type cooldownPolicy struct {
 	MaxUpstreamWait time.Duration
 }
 
-// defaultCooldownPolicy is SPEC §3.
+// defaultCooldownPolicy is README's "Failover and cooldown".
 var defaultCooldownPolicy = cooldownPolicy{
 	Transient:       30 * time.Second,
 	Persistent:      5 * time.Minute,
 	Cap:             30 * time.Minute,
 	MaxUpstreamWait: 24 * time.Hour,
 }
-
-// The defaults by name, for messages and tests.
-var (
-	transientBase  = defaultCooldownPolicy.Transient
-	persistentBase = defaultCooldownPolicy.Persistent
-)
 
 // backoff is the wait after the n-th consecutive failure (n >= 1).
 func backoff(base, limit time.Duration, n int) time.Duration {
@@ -82,6 +79,111 @@ type verdict struct {
 	// backoff doubled ten times. Zero counts always.
 	started time.Time
 	reason  string // short, for the log and the admin
+}
+
+// evidence is what one attempt showed, as judge reads it.
+type evidence struct {
+	// status is the HTTP status of an error answer, the status an error
+	// document names (in a 200 or an SSE event), or one ccload stands in
+	// for what happened: 502 for a dead connection or a broken body, 504
+	// for a timeout.
+	status int
+	apiDoc bool        // the body or event was the protocol's JSON error document
+	aux    bool        // count_tokens, an endpoint not every channel has
+	header http.Header // the answer's headers, for the upstream's reset time; may be nil
+	reason string      // short, for the log and the admin
+}
+
+// judge is the failure table (README "Failover and cooldown"): what one
+// attempt's outcome blames, and how. Every place that sees an upstream fail
+// (an error status, a 200 that carries an error, a stream that dies) asks
+// it, so a rule changes here and nowhere else. scopeNone means the answer
+// goes to the client as it is: a success, or the client's own error.
+func judge(ev evidence, now time.Time) verdict {
+	v := verdict{status: ev.status, reason: ev.reason}
+	switch s := ev.status; {
+	case s >= 200 && s < 300:
+		return v
+	case s == http.StatusNotFound && ev.aux:
+		// A relay without count_tokens says nothing about the model or
+		// the channel's real work: try the next one, cool nothing.
+		v.scope = scopeNext
+		if v.reason == "" {
+			v.reason = "endpoint not supported by this channel"
+		}
+		return v
+	case s == http.StatusNotFound && ev.apiDoc:
+		v.scope, v.class = scopeModel, persistent // the API says: no such model here
+	case s == http.StatusNotFound:
+		v.scope, v.class = scopeChannel, transient // a wrong URL or a broken relay
+	case s == 401 || s == 402 || s == 403:
+		v.scope, v.class = scopeKey, persistent
+	case s == http.StatusTooManyRequests:
+		v.scope, v.class = scopeKey, transient
+	case s == http.StatusRequestTimeout || s >= 500:
+		v.scope, v.class = scopeChannel, transient
+	case s < 400:
+		// 1xx and 3xx: a redirect means a wrong channel URL (http for
+		// https, a moved relay). It is never passed on: a client following
+		// it would send its own token wherever it points.
+		v.scope, v.class = scopeChannel, transient
+		if v.reason == "" {
+			v.reason = fmt.Sprintf("%d %s (check the channel URL)", s, http.StatusText(s))
+		}
+	default:
+		return v // the client's own error: back as it is, nothing cools
+	}
+	v.wait = retryAfter(ev.header, ev.status, now)
+	if v.reason == "" {
+		v.reason = fmt.Sprintf("%d %s", ev.status, http.StatusText(ev.status))
+	}
+	return v
+}
+
+// clientFault reports whether an upstream status is the client's own error
+// (400, 413, 422 and the like): it goes back as it is, unread, and nothing
+// cools. It is judge's verdict, asked before the body is read.
+func clientFault(status int) bool {
+	return status >= 400 && judge(evidence{status: status}, time.Time{}).scope == scopeNone
+}
+
+// retryAfter reads the upstream's own reset time: Retry-After (seconds or a
+// date) and retry-after-ms on any status; on a 429 also OpenAI's
+// x-ratelimit-reset-* durations and Anthropic's anthropic-ratelimit-*-reset
+// times, which APIs send on every response and which say when a limit
+// resets, not when a failing key or channel recovers. 0 when none applies.
+func retryAfter(h http.Header, status int, now time.Time) time.Duration {
+	if v := h.Get("Retry-After-Ms"); v != "" {
+		if ms, err := strconv.ParseFloat(v, 64); err == nil && ms > 0 {
+			return time.Duration(ms * float64(time.Millisecond))
+		}
+	}
+	if v := h.Get("Retry-After"); v != "" {
+		if s, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && s > 0 {
+			return time.Duration(s) * time.Second
+		}
+		if t, err := http.ParseTime(v); err == nil && t.After(now) {
+			return t.Sub(now)
+		}
+	}
+	var d time.Duration
+	if status != http.StatusTooManyRequests {
+		return 0
+	}
+	for name, vs := range h {
+		lower := strings.ToLower(name)
+		switch {
+		case strings.HasPrefix(lower, "x-ratelimit-reset"):
+			if v, err := time.ParseDuration(vs[0]); err == nil {
+				d = max(d, v)
+			}
+		case strings.HasPrefix(lower, "anthropic-ratelimit-") && strings.HasSuffix(lower, "-reset"):
+			if t, err := time.Parse(time.RFC3339, vs[0]); err == nil && t.After(now) {
+				d = max(d, t.Sub(now))
+			}
+		}
+	}
+	return d
 }
 
 // coolSlot is the state of one scope. until is read on the hot path without

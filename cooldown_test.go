@@ -1,6 +1,7 @@
 package main
 
 import (
+	"net/http"
 	"testing"
 	"time"
 )
@@ -11,16 +12,16 @@ func TestBackoff(t *testing.T) {
 		n    int
 		want time.Duration
 	}{
-		{transientBase, 1, 30 * time.Second},
-		{transientBase, 2, time.Minute},
-		{transientBase, 3, 2 * time.Minute},
-		{transientBase, 6, 16 * time.Minute},
-		{transientBase, 7, 30 * time.Minute},
-		{transientBase, 1000, 30 * time.Minute},
-		{persistentBase, 1, 5 * time.Minute},
-		{persistentBase, 2, 10 * time.Minute},
-		{persistentBase, 3, 20 * time.Minute},
-		{persistentBase, 4, 30 * time.Minute},
+		{defaultCooldownPolicy.Transient, 1, 30 * time.Second},
+		{defaultCooldownPolicy.Transient, 2, time.Minute},
+		{defaultCooldownPolicy.Transient, 3, 2 * time.Minute},
+		{defaultCooldownPolicy.Transient, 6, 16 * time.Minute},
+		{defaultCooldownPolicy.Transient, 7, 30 * time.Minute},
+		{defaultCooldownPolicy.Transient, 1000, 30 * time.Minute},
+		{defaultCooldownPolicy.Persistent, 1, 5 * time.Minute},
+		{defaultCooldownPolicy.Persistent, 2, 10 * time.Minute},
+		{defaultCooldownPolicy.Persistent, 3, 20 * time.Minute},
+		{defaultCooldownPolicy.Persistent, 4, 30 * time.Minute},
 	}
 	for _, tc := range cases {
 		if got := backoff(tc.base, defaultCooldownPolicy.Cap, tc.n); got != tc.want {
@@ -44,7 +45,7 @@ func newTestCooldowns(ch ...Channel) (*cooldowns, *fakeClock, map[int64]*channel
 func TestCooldownScopesAndDoubling(t *testing.T) {
 	c, clk, hs := newTestCooldowns(Channel{ID: 1, URL: "u", APIKeys: []string{"a", "b"}})
 	h := hs[1]
-	transient := verdict{scope: scopeChannel, base: transientBase, status: 503, reason: "503"}
+	transient := verdict{scope: scopeChannel, base: defaultCooldownPolicy.Transient, status: 503, reason: "503"}
 
 	steps := []struct {
 		v    verdict
@@ -53,8 +54,8 @@ func TestCooldownScopesAndDoubling(t *testing.T) {
 		{transient, 30 * time.Second},
 		{transient, time.Minute},
 		{transient, 2 * time.Minute},
-		{verdict{scope: scopeChannel, base: transientBase, wait: 90 * time.Second}, 90 * time.Second}, // upstream's time wins
-		{verdict{scope: scopeChannel, base: transientBase, wait: 72 * time.Hour}, 24 * time.Hour},     // but not nonsense
+		{verdict{scope: scopeChannel, base: defaultCooldownPolicy.Transient, wait: 90 * time.Second}, 90 * time.Second}, // upstream's time wins
+		{verdict{scope: scopeChannel, base: defaultCooldownPolicy.Transient, wait: 72 * time.Hour}, 24 * time.Hour},     // but not nonsense
 	}
 	for i, s := range steps {
 		until := c.fail(h, -1, "", s.v)
@@ -67,8 +68,8 @@ func TestCooldownScopesAndDoubling(t *testing.T) {
 	}
 
 	// Key and model scopes are independent of the channel's.
-	c.fail(h, 1, "", verdict{scope: scopeKey, base: persistentBase, status: 401})
-	c.fail(h, 0, "claude-x", verdict{scope: scopeModel, base: persistentBase, status: 404})
+	c.fail(h, 1, "", verdict{scope: scopeKey, base: defaultCooldownPolicy.Persistent, status: 401})
+	c.fail(h, 0, "claude-x", verdict{scope: scopeModel, base: defaultCooldownPolicy.Persistent, status: 404})
 	now := clk.now().UnixNano()
 	if h.keys[0].cooling(now) || !h.keys[1].cooling(now) {
 		t.Error("wrong key cooling")
@@ -83,8 +84,8 @@ func TestCooldownScopesAndDoubling(t *testing.T) {
 		t.Errorf("success left state behind: ch %d key %d", h.ch.failures, h.keys[1].failures)
 	}
 	// ...so the next failure starts again from the base.
-	if until := c.fail(h, -1, "", transient); until.Sub(clk.now()) != transientBase {
-		t.Errorf("after success: %s; want %s", until.Sub(clk.now()), transientBase)
+	if until := c.fail(h, -1, "", transient); until.Sub(clk.now()) != defaultCooldownPolicy.Transient {
+		t.Errorf("after success: %s; want %s", until.Sub(clk.now()), defaultCooldownPolicy.Transient)
 	}
 	// Expiry without a success keeps counting: the next failure doubles.
 	clk.advance(time.Hour)
@@ -239,5 +240,83 @@ func TestRetiredHealthPersistsNothing(t *testing.T) {
 	c.fail(cur, 0, "", verdict{scope: scopeChannel})
 	if recs := c.takePending(); len(recs) != 0 {
 		t.Errorf("deleted channel queued %+v", recs)
+	}
+}
+
+// TestJudge is the failure table of README "Failover and cooldown", one row
+// per subtest: a rule changes in judge and here, nowhere else.
+func TestJudge(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	type want struct {
+		scope scope
+		class failClass
+		wait  time.Duration
+	}
+	rows := []struct {
+		row  string
+		ev   evidence
+		want want
+	}{
+		{"success", evidence{status: 200}, want{scope: scopeNone}},
+		{"connect, DNS or TLS error; reset before headers", evidence{status: 502, reason: "request failed"}, want{scopeChannel, transient, 0}},
+		{"no response in time (non-streaming)", evidence{status: 504}, want{scopeChannel, transient, 0}},
+		{"500", evidence{status: 500}, want{scopeChannel, transient, 0}},
+		{"502", evidence{status: 502}, want{scopeChannel, transient, 0}},
+		{"503", evidence{status: 503}, want{scopeChannel, transient, 0}},
+		{"504", evidence{status: 504}, want{scopeChannel, transient, 0}},
+		{"520", evidence{status: 520}, want{scopeChannel, transient, 0}},
+		{"524", evidence{status: 524}, want{scopeChannel, transient, 0}},
+		{"529", evidence{status: 529}, want{scopeChannel, transient, 0}},
+		{"408", evidence{status: 408}, want{scopeChannel, transient, 0}},
+		{"5xx with Retry-After", evidence{status: 503, header: http.Header{"Retry-After": {"90"}}}, want{scopeChannel, transient, 90 * time.Second}},
+		{"401", evidence{status: 401}, want{scopeKey, persistent, 0}},
+		{"402", evidence{status: 402}, want{scopeKey, persistent, 0}},
+		{"403", evidence{status: 403}, want{scopeKey, persistent, 0}},
+		{"401 ignores rate-limit reset headers", evidence{status: 401, header: http.Header{"X-Ratelimit-Reset-Requests": {"2s"}}}, want{scopeKey, persistent, 0}},
+		{"429 without a reset time", evidence{status: 429}, want{scopeKey, transient, 0}},
+		{"429 with Retry-After", evidence{status: 429, header: http.Header{"Retry-After": {"12"}}}, want{scopeKey, transient, 12 * time.Second}},
+		{"429 with retry-after-ms", evidence{status: 429, header: http.Header{"Retry-After-Ms": {"1500"}}}, want{scopeKey, transient, 1500 * time.Millisecond}},
+		{"429 with x-ratelimit-reset", evidence{status: 429, header: http.Header{"X-Ratelimit-Reset-Tokens": {"7s"}}}, want{scopeKey, transient, 7 * time.Second}},
+		{"429 with anthropic-ratelimit reset", evidence{status: 429, header: http.Header{"Anthropic-Ratelimit-Requests-Reset": {now.Add(20 * time.Second).Format(time.RFC3339)}}}, want{scopeKey, transient, 20 * time.Second}},
+		{"404 with the protocol's JSON error (model not found)", evidence{status: 404, apiDoc: true}, want{scopeModel, persistent, 0}},
+		{"404 without it (wrong URL, broken relay)", evidence{status: 404}, want{scopeChannel, transient, 0}},
+		{"404 on count_tokens", evidence{status: 404, aux: true}, want{scope: scopeNext}},
+		{"404 JSON error on count_tokens", evidence{status: 404, apiDoc: true, aux: true}, want{scope: scopeNext}},
+		{"3xx redirect", evidence{status: 308}, want{scopeChannel, transient, 0}},
+		{"1xx", evidence{status: 101}, want{scopeChannel, transient, 0}},
+		{"400", evidence{status: 400}, want{scope: scopeNone}},
+		{"413", evidence{status: 413}, want{scope: scopeNone}},
+		{"422", evidence{status: 422}, want{scope: scopeNone}},
+		{"other 4xx (405, 409)", evidence{status: 409}, want{scope: scopeNone}},
+		{"200 carrying overloaded_error (stands for 529)", evidence{status: 529, apiDoc: true}, want{scopeChannel, transient, 0}},
+		{"200 carrying not_found_error", evidence{status: 404, apiDoc: true}, want{scopeModel, persistent, 0}},
+		{"200 carrying not_found_error on count_tokens", evidence{status: 404, apiDoc: true, aux: true}, want{scope: scopeNext}},
+		{"200 carrying invalid_request_error", evidence{status: 400, apiDoc: true}, want{scope: scopeNone}},
+		{"200 that is empty, HTML or ends before content (stands for 502)", evidence{status: 502}, want{scopeChannel, transient, 0}},
+		{"stream: no first content event in time (stands for 504)", evidence{status: 504}, want{scopeChannel, transient, 0}},
+		{"stream cut or idle after content (stands for 502)", evidence{status: 502}, want{scopeChannel, transient, 0}},
+		{"stream: not_found_error event after content", evidence{status: 404, apiDoc: true}, want{scopeModel, persistent, 0}},
+		{"stream: overloaded_error event after content", evidence{status: 529, apiDoc: true}, want{scopeChannel, transient, 0}},
+		{"stream: rate_limit_error event after content", evidence{status: 429, apiDoc: true}, want{scopeKey, transient, 0}},
+	}
+	for _, r := range rows {
+		t.Run(r.row, func(t *testing.T) {
+			v := judge(r.ev, now)
+			if v.scope != r.want.scope || v.wait != r.want.wait || (v.scope != scopeNone && v.scope != scopeNext && v.class != r.want.class) {
+				t.Errorf("judge(%+v) = scope %s, class %d, wait %s; want %s, %d, %s",
+					r.ev, v.scope, v.class, v.wait, r.want.scope, r.want.class, r.want.wait)
+			}
+			if v.status != r.ev.status {
+				t.Errorf("status %d; want %d", v.status, r.ev.status)
+			}
+			if v.scope != scopeNone && v.reason == "" {
+				t.Error("a failure without a reason")
+			}
+		})
+	}
+	for s := 100; s < 600; s++ {
+		if clientFault(s) != (s >= 400 && judge(evidence{status: s}, now).scope == scopeNone) {
+			t.Errorf("clientFault(%d) disagrees with judge", s)
+		}
 	}
 }

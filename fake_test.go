@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -71,7 +72,7 @@ type fakeBehavior struct {
 	MidStreamError bool   // with CutAfter: send an error event there instead of cutting
 	EmptyBody      bool   // 200 with an empty body
 	HTMLBody       bool   // 200 with an HTML page
-	ErrorIn200     bool   // non-stream: 200 whose JSON body is an error
+	ErrorIn200     bool   // non-stream: 200 whose JSON body is an error (ErrType, default overloaded_error)
 
 	Deltas     int           // content deltas in a stream (default 3)
 	DeltaDelay time.Duration // slow mode: wait this long before each delta after the first
@@ -238,17 +239,18 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "<!DOCTYPE html><html><body>Please log in</body></html>")
 		return
 	}
+	if b.ErrorIn200 && !stream {
+		errType := cmp.Or(b.ErrType, "overloaded_error")
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(fakeErrorBody(p, statusForErrorType(errType), errType, "fake error in a 200"))
+		return
+	}
 	if strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens") {
 		w.Header().Set("Content-Type", "application/json")
 		fmt.Fprintf(w, `{"input_tokens":%d}`, fakeInputTokens)
 		return
 	}
 	if !stream {
-		if b.ErrorIn200 {
-			w.Header().Set("Content-Type", "application/json")
-			w.Write(fakeErrorBody(p, 529, "overloaded_error", "Overloaded"))
-			return
-		}
 		f.writeJSON(w, p, responses, model, b)
 		return
 	}
@@ -529,7 +531,7 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 			f.cuts.Add(1)
 			switch {
 			case b.MidStreamError:
-				send(sseEvent("error", map[string]any{"type": "error", "error": map[string]any{"type": "overloaded_error", "message": "Overloaded mid-stream"}}))
+				send(sseEvent("error", map[string]any{"type": "error", "error": map[string]any{"type": cmp.Or(b.ErrType, "overloaded_error"), "message": "Overloaded mid-stream"}}))
 				return
 			case b.CutClean:
 				return // the body ends without the terminal event

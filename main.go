@@ -44,19 +44,20 @@ func main() {
 	}
 }
 
-// config is the whole configuration, from the environment (SPEC §1).
+// config is the whole configuration, from the environment (README
+// "Configuration"). The relay's part keeps its zero values for what the
+// environment does not set: the relay owns those defaults.
 type config struct {
-	Host             string
-	Port             int
-	SQLitePath       string
-	AdminPass        string
-	AuthTokens       []string
-	RedisURL         string
-	LogDays          int
-	FirstByteTimeout time.Duration
-	IdleTimeout      time.Duration
-	MaxBody          int64
-	ShutdownTimeout  time.Duration
+	Host            string
+	Port            int
+	SQLitePath      string
+	AdminPass       string
+	AuthTokens      []string
+	RedisURL        string
+	LogDays         int
+	ShutdownTimeout time.Duration
+	LogLevel        slog.Level
+	relayConfig
 }
 
 // envVars lists every variable ccload reads, for .env handling and docs.
@@ -65,16 +66,13 @@ var envVars = []string{"HOST", "PORT", "SQLITE_PATH", "CCLOAD_PASS", "CCLOAD_AUT
 
 func loadConfig(getenv func(string) string) (config, error) {
 	c := config{
-		Host:             getenv("HOST"),
-		Port:             8080,
-		SQLitePath:       "data/ccload.db",
-		AdminPass:        getenv("CCLOAD_PASS"),
-		RedisURL:         strings.TrimSpace(getenv("REDIS_URL")),
-		LogDays:          7,
-		FirstByteTimeout: 60 * time.Second,
-		IdleTimeout:      5 * time.Minute,
-		MaxBody:          32 << 20,
-		ShutdownTimeout:  60 * time.Second,
+		Host:            getenv("HOST"),
+		Port:            8080,
+		SQLitePath:      "data/ccload.db",
+		AdminPass:       getenv("CCLOAD_PASS"),
+		RedisURL:        strings.TrimSpace(getenv("REDIS_URL")),
+		LogDays:         7,
+		ShutdownTimeout: 60 * time.Second,
 	}
 	var errs []error
 	if v := getenv("PORT"); v != "" {
@@ -112,6 +110,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 			errs = append(errs, fmt.Errorf("CCLOAD_STREAM_IDLE_TIMEOUT=%q: want a duration like 5m (0 turns it off)", v))
 		}
 		c.IdleTimeout = d
+		if d == 0 {
+			c.IdleTimeout = -1 // off; zero would mean the default
+		}
 	}
 	if v := getenv("CCLOAD_SHUTDOWN_TIMEOUT"); v != "" {
 		d, err := parseDuration(v)
@@ -126,6 +127,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 			errs = append(errs, fmt.Errorf("CCLOAD_MAX_BODY=%q: want a size like 32MiB, 10MB or 1048576", v))
 		}
 		c.MaxBody = n
+	}
+	if v := getenv("CCLOAD_LOG_LEVEL"); v != "" {
+		if err := c.LogLevel.UnmarshalText([]byte(strings.TrimSpace(v))); err != nil {
+			errs = append(errs, fmt.Errorf("CCLOAD_LOG_LEVEL=%q: want DEBUG, INFO, WARN or ERROR", v))
+		}
 	}
 	if c.RedisURL != "" && !strings.HasPrefix(c.RedisURL, "redis://") && !strings.HasPrefix(c.RedisURL, "rediss://") {
 		errs = append(errs, errors.New("REDIS_URL must start with redis:// or rediss://"))
@@ -250,9 +256,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		return fmt.Errorf("unknown command %q (try -h)", fs.Arg(0))
 	}
 
-	level := slog.LevelInfo
-	level.UnmarshalText([]byte(getenv("CCLOAD_LOG_LEVEL")))
-	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
 	slog.SetDefault(logger)
 
 	app, err := newApp(ctx, cfg, stderr)
@@ -326,11 +330,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 
 	a.logs = newLogWriter(store, logQueueSize)
 	auth := newClientAuth(cfg.AuthTokens)
-	a.relay = newRelay(a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
-	a.relay.FirstByteTimeout = cfg.FirstByteTimeout
-	a.relay.IdleTimeout = cfg.IdleTimeout
-	a.relay.ResponseTimeout = max(defaultResponseTimeout, cfg.FirstByteTimeout)
-	a.relay.MaxBody = cfg.MaxBody
+	a.relay = newRelay(cfg.relayConfig, a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,
 		limiter: newLoginLimiter(time.Now), now: time.Now}
 	if a.mirror != nil {

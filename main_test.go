@@ -45,12 +45,11 @@ const testAdminPass = "correct horse battery staple"
 
 func testConfig(tb testing.TB) config {
 	return config{
-		SQLitePath:       filepath.Join(tb.TempDir(), "ccload.db"),
-		AdminPass:        testAdminPass,
-		LogDays:          7,
-		FirstByteTimeout: 2 * time.Second,
-		MaxBody:          32 << 20,
-		ShutdownTimeout:  5 * time.Second,
+		SQLitePath:      filepath.Join(tb.TempDir(), "ccload.db"),
+		AdminPass:       testAdminPass,
+		LogDays:         7,
+		ShutdownTimeout: 5 * time.Second,
+		relayConfig:     relayConfig{FirstByteTimeout: 2 * time.Second},
 	}
 }
 
@@ -234,21 +233,24 @@ func TestLoadConfigDefaultsAndErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Port != 8080 || c.SQLitePath != "data/ccload.db" || c.LogDays != 7 ||
-		c.FirstByteTimeout != 60*time.Second || c.MaxBody != 32<<20 {
+	if c.Port != 8080 || c.SQLitePath != "data/ccload.db" || c.LogDays != 7 || c.LogLevel != slog.LevelInfo ||
+		c.firstByteWait() != 60*time.Second || c.maxBody() != 32<<20 || c.idleWait() != 5*time.Minute ||
+		c.responseWait() != 10*time.Minute {
 		t.Errorf("defaults: got %+v", c)
 	}
 	env := map[string]string{"PORT": "9090", "CCLOAD_AUTH": "alice:t1, t2 ,", "CCLOAD_MAX_BODY": "10MB",
-		"CCLOAD_FIRST_BYTE_TIMEOUT": "15", "CCLOAD_LOG_DAYS": "0"}
+		"CCLOAD_FIRST_BYTE_TIMEOUT": "15m", "CCLOAD_LOG_DAYS": "0", "CCLOAD_STREAM_IDLE_TIMEOUT": "0",
+		"CCLOAD_LOG_LEVEL": "debug"}
 	c, err = loadConfig(func(k string) string { return env[k] })
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Port != 9090 || len(c.AuthTokens) != 2 || c.MaxBody != 10_000_000 || c.FirstByteTimeout != 15*time.Second || c.LogDays != 0 {
+	if c.Port != 9090 || len(c.AuthTokens) != 2 || c.maxBody() != 10_000_000 || c.firstByteWait() != 15*time.Minute ||
+		c.responseWait() != 15*time.Minute || c.idleWait() != 0 || c.LogDays != 0 || c.LogLevel != slog.LevelDebug {
 		t.Errorf("parsed: got %+v", c)
 	}
 	bad := map[string]string{"PORT": "http", "CCLOAD_MAX_BODY": "lots", "CCLOAD_FIRST_BYTE_TIMEOUT": "soon",
-		"REDIS_URL": "localhost:6379", "CCLOAD_LOG_DAYS": "-1"}
+		"REDIS_URL": "localhost:6379", "CCLOAD_LOG_DAYS": "-1", "CCLOAD_LOG_LEVEL": "loud"}
 	_, err = loadConfig(func(k string) string { return bad[k] })
 	for k := range bad {
 		if err == nil || !strings.Contains(err.Error(), k) {

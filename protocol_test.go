@@ -168,22 +168,6 @@ func TestRetryAfter(t *testing.T) {
 	}
 }
 
-func TestClassifyStatus(t *testing.T) {
-	for status, want := range map[int]scope{
-		400: scopeNone, 413: scopeNone, 422: scopeNone, 405: scopeNone, 409: scopeNone,
-		401: scopeKey, 402: scopeKey, 403: scopeKey, 429: scopeKey,
-		404: scopeChannel, 408: scopeChannel, 500: scopeChannel, 502: scopeChannel, 503: scopeChannel,
-		504: scopeChannel, 520: scopeChannel, 524: scopeChannel, 529: scopeChannel,
-	} {
-		if got := classifyStatus(status).scope; got != want {
-			t.Errorf("classifyStatus(%d) = %s; want %s", status, got, want)
-		}
-	}
-	if classifyStatus(401).class != persistent || classifyStatus(429).class != transient || classifyStatus(503).class != transient {
-		t.Error("backoff bases")
-	}
-}
-
 func TestClassifyEvent(t *testing.T) {
 	cases := []struct {
 		p          protocol

@@ -22,34 +22,72 @@ import (
 // whose Transport is the retry loop (see relay.RoundTrip) and whose
 // ErrorHandler speaks the protocol's error shape when every channel failed.
 type relay struct {
+	relayConfig
 	sel      *selector
 	cool     *cooldowns
 	logs     *logWriter
 	metrics  *metrics
 	auth     *clientAuth
 	upstream http.RoundTripper // the real transport to the channels
-
-	// FirstByteTimeout bounds, for a stream, the wait from sending the
-	// request to the first content event.
-	FirstByteTimeout time.Duration
-	// ResponseTimeout bounds, for a non-stream request, the wait for the
-	// response to begin: the whole answer is generated before it does.
-	ResponseTimeout time.Duration
-	// IdleTimeout bounds the silence between reads once a response flows;
-	// 0 means none. A stream that outlasts it ends with an error event and
-	// cools its channel.
-	IdleTimeout time.Duration
-	MaxBody     int64
-	Now         func() time.Time
+	Now      func() time.Time
 
 	proxy    *httputil.ReverseProxy
 	inflight sync.WaitGroup // proxied requests not yet logged
 }
 
-const (
-	defaultResponseTimeout = 10 * time.Minute
-	maxErrorBody           = 64 << 10 // error bodies kept to classify and to replay
-)
+// relayConfig tunes the relay. The zero value of each field means its
+// default, so that the defaults live here and nowhere else.
+type relayConfig struct {
+	// FirstByteTimeout bounds, for a stream, the wait from sending the
+	// request to the first content event. Zero means 60 s.
+	FirstByteTimeout time.Duration
+	// ResponseTimeout bounds, for a non-stream request, the wait for the
+	// response to begin: the whole answer is generated before it does.
+	// Zero means 10 minutes, or FirstByteTimeout if that is longer.
+	ResponseTimeout time.Duration
+	// IdleTimeout bounds the silence between reads once a response flows.
+	// A stream that outlasts it ends with an error event and cools its
+	// channel. Zero means 5 minutes; negative means no limit.
+	IdleTimeout time.Duration
+	// MaxBody is the largest request body accepted (413 above it). Zero
+	// means 32 MiB.
+	MaxBody int64
+}
+
+func (c *relayConfig) firstByteWait() time.Duration {
+	if c.FirstByteTimeout > 0 {
+		return c.FirstByteTimeout
+	}
+	return 60 * time.Second
+}
+
+func (c *relayConfig) responseWait() time.Duration {
+	if c.ResponseTimeout > 0 {
+		return c.ResponseTimeout
+	}
+	return max(10*time.Minute, c.firstByteWait())
+}
+
+// idleWait is the idle timeout; 0 means none.
+func (c *relayConfig) idleWait() time.Duration {
+	switch {
+	case c.IdleTimeout < 0:
+		return 0
+	case c.IdleTimeout == 0:
+		return 5 * time.Minute
+	}
+	return c.IdleTimeout
+}
+
+func (c *relayConfig) maxBody() int64 {
+	if c.MaxBody > 0 {
+		return c.MaxBody
+	}
+	return 32 << 20
+}
+
+// maxErrorBody bounds the error bodies kept to classify and to replay.
+const maxErrorBody = 64 << 10
 
 var (
 	errClientGone       = errors.New("client went away")
@@ -111,14 +149,11 @@ func newUpstreamTransport() *http.Transport {
 	}
 }
 
-func newRelay(sel *selector, cool *cooldowns, logs *logWriter, m *metrics, auth *clientAuth, upstream http.RoundTripper) *relay {
+func newRelay(cfg relayConfig, sel *selector, cool *cooldowns, logs *logWriter, m *metrics, auth *clientAuth, upstream http.RoundTripper) *relay {
 	rl := &relay{
-		sel: sel, cool: cool, logs: logs, metrics: m, auth: auth, upstream: upstream,
-		FirstByteTimeout: 60 * time.Second,
-		ResponseTimeout:  defaultResponseTimeout,
-		IdleTimeout:      5 * time.Minute,
-		MaxBody:          32 << 20,
-		Now:              time.Now,
+		relayConfig: cfg,
+		sel:         sel, cool: cool, logs: logs, metrics: m, auth: auth, upstream: upstream,
+		Now: time.Now,
 	}
 	rl.proxy = &httputil.ReverseProxy{
 		Rewrite:      rl.rewrite,
@@ -141,45 +176,49 @@ func (copyBuffers) Get() []byte  { return *copyBufPool.Get().(*[]byte) }
 func (copyBuffers) Put(b []byte) { copyBufPool.Put(&b) }
 
 // exchange is the state of one client request, from arrival to log row.
+// The request's part is fixed once read; the outcome's part is written by
+// few hands: each attempt appends its try, commit and settle record the
+// answer the client got, and finish builds the log row from all of it.
 type exchange struct {
 	start     time.Time
 	proto     protocol
 	responses bool // the OpenAI Responses API (Codex)
+	aux       bool // count_tokens: not every channel has it
+	probe     bool // an admin's channel test: failures cool nothing
+	stream    bool
 	token     string
 	clientIP  string
 	model     string
+	gemAction string // gemini: the action after the model in the path
 	info      bodyInfo
 	buf       *bodyBuf // holds body; released once a response is committed
 	body      []byte   // the request body, dropped once a response is committed
 	sent      []byte   // the body as sent to the current attempt (model redirected)
-	stream    bool
-	gemAction string // gemini: the action after the model in the path
-	auxiliary bool   // count_tokens: not every channel has it
 
 	plan    plan
 	planBuf [8]*channelEntry
 	keyBuf  [8]int
 
 	// Outcome.
-	attempts      int
-	entry         *channelEntry // channel of the last attempt
-	keyIndex      int
-	upstreamModel string
-	status        int
-	firstByte     time.Duration
-	usage         usage
-	errText       string
-	lastFrom      attemptFrom // who gave the buffered last error response
-	attemptStart  time.Time   // when the committed attempt began
-	logged        bool
+	tries     []try // every attempt, in order
+	tryBuf    [2]try
+	served    int // index in tries of the attempt whose answer the client got; -1 if none
+	status    int // what the client got (499 if it left)
+	firstByte time.Duration
+	usage     usage
+	errText   string
+	logged    bool
 }
 
-// attemptFrom is what the log says of an attempt.
-type attemptFrom struct {
-	entry         *channelEntry
-	key           int
-	upstreamModel string
-	errText       string
+// try is one attempt at one channel and key, for the log's trace.
+type try struct {
+	entry  *channelEntry
+	key    int
+	start  time.Time
+	dur    time.Duration
+	status int    // the upstream's, or the one judge stood in (502, 504)
+	cooled scope  // what the failure cooled; scopeNone for an answer
+	err    string // short, "" for an answer
 }
 
 type exchangeKey struct{}
@@ -192,41 +231,48 @@ func exchangeFrom(ctx context.Context) *exchange {
 // handle returns the handler for one protocol's proxied paths.
 func (rl *relay) handle(p protocol) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		rl.serve(p, w, r)
+		x := &exchange{start: rl.Now(), proto: p, served: -1, clientIP: clientIP(r)}
+		x.tries = x.tryBuf[:0]
+		rl.inflight.Add(1)
+		// Deferred so that the row is written even when ReverseProxy aborts
+		// the handler with http.ErrAbortHandler (the client went away
+		// mid-stream).
+		defer rl.finish(x)
+		if rl.admit(x, w, r) {
+			rl.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x)))
+		}
 	})
 }
 
-func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
-	x := &exchange{start: rl.Now(), proto: p, keyIndex: -1, clientIP: clientIP(r)}
-	rl.inflight.Add(1)
-	// Deferred so that the row is written even when ReverseProxy aborts the
-	// handler with http.ErrAbortHandler (the client went away mid-stream).
-	defer rl.finish(x)
-
+// admit reads and checks the request and plans its channels; false means it
+// was answered here. It returns before anything is relayed, so that its
+// frame is not on the stack of a stream that runs for minutes.
+func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool {
+	p := x.proto
 	name, ok := rl.auth.identify(r, p)
 	if !ok {
 		rl.reject(w, x, http.StatusUnauthorized, rl.auth.denyMessage(r))
-		return
+		return false
 	}
 	x.token = name
 	x.responses = strings.HasPrefix(r.URL.Path, "/v1/responses")
-	x.auxiliary = strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens")
+	x.aux = strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens")
 
-	bb, err := readBody(w, r, rl.MaxBody)
+	bb, err := readBody(w, r, rl.maxBody())
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			rl.reject(w, x, http.StatusRequestEntityTooLarge,
 				fmt.Sprintf("request body is larger than the %s limit (CCLOAD_MAX_BODY)", formatBytes(tooBig.Limit)))
-			return
+			return false
 		}
 		if r.Context().Err() != nil || errors.Is(err, io.ErrUnexpectedEOF) {
 			// The connection ended inside the body: nobody is left to answer.
 			x.status, x.errText = 499, "client disconnected while sending the body"
-			return
+			return false
 		}
 		rl.reject(w, x, http.StatusBadRequest, "could not read the request body: "+err.Error())
-		return
+		return false
 	}
 	x.buf, x.body = bb, bb.b
 	body := x.body
@@ -235,14 +281,14 @@ func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
 		model, action, ok := geminiTarget(r.PathValue("target"))
 		if !ok {
 			rl.reject(w, x, http.StatusBadRequest, "path must be /v1beta/models/{model}:{action}")
-			return
+			return false
 		}
 		x.model, x.gemAction = model, action
 		x.stream = strings.HasPrefix(action, "stream")
 	}
 	if len(body) == 0 && p != protoGemini {
 		rl.reject(w, x, http.StatusBadRequest, "request body is empty: send a JSON object with a \"model\"")
-		return
+		return false
 	}
 	if len(body) > 0 {
 		info, err := inspectBody(body)
@@ -250,10 +296,10 @@ func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
 			var se *syntaxError
 			if errors.As(err, &se) {
 				rl.reject(w, x, http.StatusBadRequest, "request body is not valid JSON: "+se.Error())
-				return
+				return false
 			}
 			rl.reject(w, x, http.StatusBadRequest, err.Error())
-			return
+			return false
 		}
 		x.info = info
 		if p != protoGemini {
@@ -262,17 +308,16 @@ func (rl *relay) serve(p protocol, w http.ResponseWriter, r *http.Request) {
 	}
 	if x.model == "" {
 		rl.reject(w, x, http.StatusBadRequest, `request body has no "model": say which model to use`)
-		return
+		return false
 	}
 
-	snap := rl.sel.current()
-	rt := snap.route(p, x.model)
+	rt := rl.sel.current().route(p, x.model)
 	if rt == nil {
 		rl.reject(w, x, http.StatusNotFound, fmt.Sprintf("no enabled %s channel serves model %q", p, x.model))
-		return
+		return false
 	}
 	x.plan = rt.makePlan(x.model, rl.Now().UnixNano(), x.planBuf[:0])
-	rl.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, x)))
+	return true
 }
 
 // reject answers a request that never reached an upstream.
@@ -302,14 +347,13 @@ func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
 
 // prepare points req at channel e with key k and gives it a fresh body.
 func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int) {
-	x.upstreamModel = e.upstreamModel(x.model)
 	body := x.body
 	path := req.URL.Path
-	if x.upstreamModel != x.model {
+	if m := e.upstreamModel(x.model); m != x.model {
 		if x.proto == protoGemini {
-			path = "/v1beta/models/" + x.upstreamModel + ":" + x.gemAction
+			path = "/v1beta/models/" + m + ":" + x.gemAction
 		} else {
-			body = withModel(body, x.info, x.upstreamModel)
+			body = withModel(body, x.info, m)
 		}
 	}
 	u := req.URL
@@ -350,187 +394,164 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 	if x == nil {
 		return nil, errors.New("ccload: request without exchange state")
 	}
-	var last *http.Response // the last upstream error response, buffered
+	var last *http.Response // the last upstream error answer, buffered
+	lastTry := -1
 	defer func() {
 		if last != nil {
 			last.Body.Close()
 		}
 	}()
-	order := x.plan.order
-	tried := 0
 	for i := 0; ; i++ {
-		var e *channelEntry
-		switch {
-		case i < len(order):
-			e = order[i]
-		case i == len(order) && x.plan.lastResort != nil:
-			e = x.plan.lastResort
-		default:
-			if last != nil {
-				res := last
-				last = nil
-				// The log names whoever gave this answer, not the last tried.
-				f := x.lastFrom
-				x.entry, x.keyIndex, x.upstreamModel, x.errText = f.entry, f.key, f.upstreamModel, f.errText
-				x.status = res.StatusCode
+		e := x.plan.candidate(i)
+		if e == nil {
+			break
+		}
+		for _, k := range e.keyOrder(rl.Now().UnixNano(), x.keyBuf[:0]) {
+			res, v, err := rl.attempt(out, x, e, k)
+			if err != nil {
+				return nil, err
+			}
+			if v.scope == scopeNone {
 				return res, nil
 			}
-			return nil, &exhaustedError{x: x, tried: tried, free: rl.firstFree(x)}
-		}
-		tried++
-		res, err := rl.tryChannel(out, x, e, &last)
-		if err != nil || res != nil {
-			return res, err
-		}
-	}
-}
-
-// tryChannel tries e's keys in order. It returns a response for the client,
-// or nil to go on to the next channel.
-func (rl *relay) tryChannel(out *http.Request, x *exchange, e *channelEntry, last **http.Response) (*http.Response, error) {
-	keys := e.keyOrder(rl.Now().UnixNano(), x.keyBuf[:0])
-	for _, k := range keys {
-		started := rl.Now()
-		res, v, err := rl.attempt(out, x, e, k)
-		if err != nil {
-			return nil, err
-		}
-		if v.scope == scopeNone {
-			x.attemptStart = started
-			return res, nil
-		}
-		v.started = started
-		if v.scope != scopeNext {
-			rl.cool.fail(e.health, k, x.model, v)
-			rl.metrics.cooled(v.scope)
-		}
-		x.errText = fmt.Sprintf("%s: %s", e.ch.Name, v.reason)
-		if res != nil {
-			if *last != nil {
-				(*last).Body.Close()
+			if res != nil {
+				if last != nil {
+					last.Body.Close()
+				}
+				last, lastTry = res, len(x.tries)-1
 			}
-			*last = res
-			x.lastFrom = attemptFrom{entry: e, key: k, upstreamModel: x.upstreamModel, errText: x.errText}
-		}
-		if v.scope != scopeKey {
-			return nil, nil
+			if v.scope != scopeKey {
+				break // the next key would fail alike: next channel
+			}
 		}
 	}
-	return nil, nil
+	if last == nil {
+		return nil, &exhaustedError{x: x, free: rl.firstFree(x)}
+	}
+	// Every candidate failed and some answered: the last answer goes back
+	// as it was, and the log names whoever gave it, not the last tried.
+	res := last
+	last = nil
+	t := &x.tries[lastTry]
+	x.served, x.status, x.errText = lastTry, t.status, t.entry.ch.Name+": "+t.err
+	return res, nil
 }
 
 // attempt sends the request to e with key k once. It returns the response
-// to hand back (success, or a failure whose body was buffered for a possible
-// last answer), the verdict, or errClientGone.
-func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int) (*http.Response, verdict, error) {
-	x.attempts++
-	x.entry, x.keyIndex = e, k
+// for the client with a verdict of scopeNone (a success or the client's own
+// error, committed), or the failure's verdict with, when the upstream
+// answered, its buffered answer (kept as the last resort); or errClientGone.
+func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int) (res *http.Response, v verdict, err error) {
+	x.tries = append(x.tries, try{entry: e, key: k, start: rl.Now()})
 	rl.metrics.attempt()
 	ctx := out.Context()
 	actx, cancel := context.WithCancelCause(ctx)
-	wait := rl.ResponseTimeout
+	wait := rl.responseWait()
 	if x.stream {
-		wait = rl.FirstByteTimeout
+		wait = rl.firstByteWait()
 	}
 	at := startAttemptTimer(cancel, wait)
-	stop := at.stop
+	defer func() {
+		t := &x.tries[len(x.tries)-1]
+		t.dur = rl.Now().Sub(t.start)
+		switch {
+		case err != nil:
+			at.stop()
+			t.status, t.err = 499, "client disconnected"
+		case v.scope == scopeNone:
+			// Committed: the body holds the timer now and stops it when
+			// it closes.
+		default:
+			at.stop()
+			rl.blame(x, t, v)
+			x.errText = e.ch.Name + ": " + v.reason
+		}
+	}()
 
 	// The first attempt may use ReverseProxy's outbound request itself; a
 	// retry gets its own copy, since a transport may still look at the
 	// previous attempt's request after giving up on it.
 	var req *http.Request
-	if x.attempts == 1 {
+	if len(x.tries) == 1 {
 		req = out.WithContext(actx)
 	} else {
 		req = out.Clone(actx)
 	}
 	rl.prepare(req, x, e, k)
-	res, err := rl.upstream.RoundTrip(req)
+	res, err = rl.upstream.RoundTrip(req)
 	if err != nil {
-		stop()
-		if ctx.Err() != nil {
+		switch {
+		case ctx.Err() != nil:
 			return nil, verdict{}, errClientGone
+		case context.Cause(actx) == errFirstByteTimeout:
+			return nil, rl.judge(evidence{status: http.StatusGatewayTimeout, reason: fmt.Sprintf("no response within %s", wait)}), nil
 		}
-		if context.Cause(actx) == errFirstByteTimeout {
-			return nil, verdict{scope: scopeChannel, class: transient, status: http.StatusGatewayTimeout,
-				reason: fmt.Sprintf("no response within %s", wait)}, nil
-		}
-		return nil, verdict{scope: scopeChannel, class: transient, status: http.StatusBadGateway,
-			reason: "request failed: " + shortError(err)}, nil
+		return nil, rl.judge(evidence{status: http.StatusBadGateway, reason: "request failed: " + shortError(err)}), nil
 	}
 
-	if res.StatusCode >= 200 && res.StatusCode < 300 {
-		return rl.accept(ctx, actx, res, x, e, k, at)
-	}
-
-	if res.StatusCode < 200 || res.StatusCode >= 300 && res.StatusCode < 400 {
-		// A redirect means a wrong channel URL (http for https, a moved
-		// relay). It is never passed on: a client following it would send
-		// its own token to wherever it points.
-		io.Copy(io.Discard, io.LimitReader(res.Body, maxErrorBody))
-		res.Body.Close()
-		stop()
-		return nil, verdict{scope: scopeChannel, class: transient, status: res.StatusCode,
-			reason: fmt.Sprintf("%d %s (check the channel URL)", res.StatusCode, http.StatusText(res.StatusCode))}, nil
-	}
-	v := classifyStatus(res.StatusCode)
-	if v.scope == scopeNone {
+	switch s := res.StatusCode; {
+	case s >= 200 && s < 300:
+		return rl.accept(ctx, actx, res, x, at)
+	case clientFault(s):
 		// The client's own error: it goes back as is, nothing cools.
-		at.flowing(rl.IdleTimeout)
-		rl.commit(x, e, k, res.StatusCode, false)
+		at.flowing(rl.idleWait())
+		rl.commit(x, s, false)
 		res.Body = &plainBody{src: res.Body, keepTail: true, wantError: true,
-			onClose: func(end streamEnd) { rl.settle(x, e, k, end); stop() }}
-		return res, v, nil
+			onClose: func(end streamEnd) { rl.settle(x, end); at.stop() }}
+		return res, verdict{}, nil
 	}
 	body, rerr := io.ReadAll(io.LimitReader(res.Body, maxErrorBody))
 	res.Body.Close()
-	stop()
 	if rerr != nil && ctx.Err() != nil {
 		return nil, verdict{}, errClientGone
 	}
 	ue, isDoc := parseErrorDoc(body)
-	if res.StatusCode == http.StatusNotFound && x.auxiliary {
-		// A relay without count_tokens says nothing about the model or
-		// the channel's real work: try the next one, cool nothing.
-		v = verdict{scope: scopeNext, reason: "endpoint not supported by this channel"}
-	} else if res.StatusCode == http.StatusNotFound {
-		if isDoc {
-			v = verdict{scope: scopeModel, class: persistent, reason: "model not found"}
-		} else {
-			v = verdict{scope: scopeChannel, class: transient, reason: "404 without an API error body (wrong URL or broken relay?)"}
-		}
-	}
-	v.status = res.StatusCode
-	v.wait = retryAfter(res.Header, res.StatusCode, rl.Now())
+	ev := evidence{status: res.StatusCode, apiDoc: isDoc, aux: x.aux, header: res.Header}
 	if isDoc && ue.message != "" {
-		v.reason = fmt.Sprintf("%d %s", res.StatusCode, truncate(ue.message, 160))
-	} else if v.reason == "" {
-		v.reason = fmt.Sprintf("%d %s", res.StatusCode, http.StatusText(res.StatusCode))
+		ev.reason = fmt.Sprintf("%d %s", res.StatusCode, truncate(ue.message, 160))
+	}
+	v = rl.judge(ev)
+	if res.StatusCode < 400 {
+		return nil, v, nil // a redirect is never relayed (see judge)
 	}
 	return bufferedResponse(res, body), v, nil
+}
+
+// judge is the failure table, at the relay's clock.
+func (rl *relay) judge(ev evidence) verdict { return judge(ev, rl.Now()) }
+
+// blame records a failed try: it cools what the verdict blames and notes
+// that in the trace. It is the one place failures are counted.
+func (rl *relay) blame(x *exchange, t *try, v verdict) {
+	t.status, t.err = v.status, v.reason
+	if v.scope == scopeNone || v.scope == scopeNext || x.probe {
+		return
+	}
+	v.started = t.start
+	rl.cool.fail(t.entry.health, t.key, x.model, v)
+	rl.metrics.cooled(v.scope)
+	t.cooled = v.scope
 }
 
 // accept checks a 2xx response before the client sees it: a stream must
 // bring a content event in time, and a body must be neither empty, HTML nor
 // an error document. Bad ones are failures like any other.
-func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchange, e *channelEntry, k int,
-	at *attemptTimer) (*http.Response, verdict, error) {
-	stop := at.stop
+func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchange, at *attemptTimer) (*http.Response, verdict, error) {
+	idle := rl.idleWait()
 	// explain names a silence that outlasted the idle timeout; any other
 	// read error stays as it is (a client that left stays a cancellation).
 	explain := func(err error) error {
 		if context.Cause(actx) == errIdleTimeout {
-			return fmt.Errorf("no data from upstream for %s", rl.IdleTimeout)
+			return fmt.Errorf("no data from upstream for %s", idle)
 		}
 		return err
 	}
 	broken := func(status int, reason string) (*http.Response, verdict, error) {
 		res.Body.Close()
-		stop()
 		if ctx.Err() != nil {
 			return nil, verdict{}, errClientGone
 		}
-		return nil, verdict{scope: scopeChannel, class: transient, status: status, reason: reason}, nil
+		return nil, rl.judge(evidence{status: status, reason: reason}), nil
 	}
 	ct := mediaType(res.Header.Get("Content-Type"))
 	if ct == "text/event-stream" {
@@ -539,7 +560,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		ue, err := sb.waitFirst()
 		if err != nil {
 			if context.Cause(actx) == errFirstByteTimeout {
-				return broken(http.StatusGatewayTimeout, fmt.Sprintf("no first event within %s", rl.FirstByteTimeout))
+				return broken(http.StatusGatewayTimeout, fmt.Sprintf("no first event within %s", rl.firstByteWait()))
 			}
 			if errors.Is(err, io.EOF) {
 				return broken(http.StatusBadGateway, "stream ended before any content")
@@ -548,13 +569,12 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		}
 		if ue != nil {
 			sb.Close()
-			stop()
-			return rl.badOK(x, e, k, res, ue, sb.scan.earlyData)
+			return rl.errorIn200(x, res, ue, sb.scan.earlyData, at)
 		}
-		at.flowing(rl.IdleTimeout)
-		rl.commit(x, e, k, res.StatusCode, true)
+		at.flowing(idle)
+		rl.commit(x, res.StatusCode, true)
 		sb.touch, sb.explain = at.touch, explain
-		sb.onClose = func(end streamEnd) { rl.settle(x, e, k, end); stop() }
+		sb.onClose = func(end streamEnd) { rl.settle(x, end); at.stop() }
 		res.Body = sb
 		return res, verdict{}, nil
 	}
@@ -563,8 +583,9 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	n, err := readSome(res.Body, head)
 	head = head[:n]
 	if err != nil && !errors.Is(err, io.EOF) {
+		putBuf(head)
 		if context.Cause(actx) == errFirstByteTimeout {
-			return broken(http.StatusGatewayTimeout, fmt.Sprintf("no response body within %s", rl.ResponseTimeout))
+			return broken(http.StatusGatewayTimeout, fmt.Sprintf("no response body within %s", rl.responseWait()))
 		}
 		return broken(http.StatusBadGateway, "response body failed: "+shortError(err))
 	}
@@ -572,8 +593,10 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	trimmed := bytes.TrimLeft(head, " \t\r\n")
 	switch {
 	case n == 0 && res.StatusCode == http.StatusOK:
+		putBuf(head)
 		return broken(http.StatusBadGateway, "empty response body")
 	case ct == "text/html" || bytes.HasPrefix(trimmed, []byte("<")):
+		putBuf(head)
 		return broken(http.StatusBadGateway, "HTML page instead of an API response")
 	case looksLikeErrorDoc(trimmed):
 		// Error documents are small: read up to the cap, and if the body
@@ -586,8 +609,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		}
 		res.Body.Close()
 		if ue, ok := parseErrorDoc(doc); ok {
-			stop()
-			return rl.badOK(x, e, k, res, &ue, doc)
+			return rl.errorIn200(x, res, &ue, doc, at)
 		}
 		// Not an error after all: relay what was read.
 		head, rest = doc, http.NoBody
@@ -595,23 +617,19 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 		res.Body.Close()
 		rest = http.NoBody
 	}
-	at.flowing(rl.IdleTimeout)
-	rl.commit(x, e, k, res.StatusCode, true)
+	at.flowing(idle)
+	rl.commit(x, res.StatusCode, true)
 	res.Body = &plainBody{src: rest, head: head, pooled: head, keepTail: true, touch: at.touch, explain: explain,
-		onClose: func(end streamEnd) { rl.settle(x, e, k, end); stop() }}
+		onClose: func(end streamEnd) { rl.settle(x, end); at.stop() }}
 	return res, verdict{}, nil
 }
 
-// badOK turns a 200 that carried an error into the failure it stands for.
-// The client sees nothing of it unless it is the last answer, and then as a
-// plain error response with the status the error names.
-func (rl *relay) badOK(x *exchange, e *channelEntry, k int, res *http.Response, ue *upstreamError, doc []byte) (*http.Response, verdict, error) {
-	v := classifyStatus(ue.status)
-	v.status = ue.status
-	v.reason = "error in a 200 response: " + truncate(ue.message, 160)
-	if ue.status == http.StatusNotFound {
-		v.scope, v.class = scopeModel, persistent
-	}
+// errorIn200 turns a 200 that carried an error into the failure it stands
+// for. The client sees nothing of it unless it is the last answer, and then
+// as a plain error response with the status the error names.
+func (rl *relay) errorIn200(x *exchange, res *http.Response, ue *upstreamError, doc []byte, at *attemptTimer) (*http.Response, verdict, error) {
+	v := rl.judge(evidence{status: ue.status, apiDoc: true, aux: x.aux, header: res.Header,
+		reason: "error in a 200 response: " + truncate(ue.message, 160)})
 	synth := bufferedResponse(&http.Response{
 		Status:     fmt.Sprintf("%d %s", ue.status, http.StatusText(ue.status)),
 		StatusCode: ue.status, Proto: res.Proto, ProtoMajor: res.ProtoMajor, ProtoMinor: res.ProtoMinor,
@@ -620,26 +638,27 @@ func (rl *relay) badOK(x *exchange, e *channelEntry, k int, res *http.Response, 
 	}, doc)
 	if v.scope == scopeNone {
 		// The client's own error, delivered in a 200: give it back properly.
-		rl.commit(x, e, k, synth.StatusCode, false)
+		rl.commit(x, synth.StatusCode, false)
 		x.errText = v.reason
-		synth.Body = &plainBody{src: synth.Body, onClose: func(end streamEnd) { rl.settle(x, e, k, end) }}
+		synth.Body = &plainBody{src: synth.Body, onClose: func(end streamEnd) { rl.settle(x, end); at.stop() }}
 	}
 	return synth, v, nil
 }
 
-// commit records that this attempt's response goes to the client. A
+// commit records that the current attempt's response goes to the client. A
 // success clears what it disproves at once, so other requests may use the
 // channel again even while this one streams.
-func (rl *relay) commit(x *exchange, e *channelEntry, k int, status int, ok bool) {
-	x.status = status
+func (rl *relay) commit(x *exchange, status int, ok bool) {
+	i := len(x.tries) - 1
+	t := &x.tries[i]
+	t.status = status
+	x.served, x.status, x.errText = i, status, ""
 	x.firstByte = rl.Now().Sub(x.start)
-	x.entry, x.keyIndex = e, k
-	x.errText = ""
 	// No retry can follow: let the request body go, however long the
 	// response runs.
 	x.dropBody()
 	if ok {
-		rl.cool.succeed(e.health, k, x.model)
+		rl.cool.succeed(t.entry.health, t.key, x.model)
 		if x.stream {
 			rl.metrics.streamOpened()
 		}
@@ -647,90 +666,32 @@ func (rl *relay) commit(x *exchange, e *channelEntry, k int, status int, ok bool
 }
 
 // settle records how a relayed body ended: usage, and a failure after the
-// headers went out, which cools the channel like any other.
-func (rl *relay) settle(x *exchange, e *channelEntry, k int, end streamEnd) {
-	ok := x.status >= 200 && x.status < 300
-	if x.stream && ok {
+// headers went out, which judge blames like any other.
+func (rl *relay) settle(x *exchange, end streamEnd) {
+	if x.stream && x.status >= 200 && x.status < 300 {
 		rl.metrics.streamClosed()
 	}
 	x.usage = end.usage
 	if end.message != "" && x.errText == "" {
 		x.errText = truncate(end.message, 200)
 	}
+	var ev evidence
 	switch {
 	case errors.Is(end.err, errClientClosed) || errors.Is(end.err, context.Canceled):
 		x.status, x.errText = 499, "client disconnected"
+		return
 	case end.err != nil:
-		x.status, x.errText = http.StatusBadGateway, "upstream failed mid-response: "+shortError(end.err)
-		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, class: transient, status: x.status, reason: "cut mid-stream", started: x.attemptStart})
+		ev = evidence{status: http.StatusBadGateway, reason: "upstream failed mid-response: " + shortError(end.err)}
 	case end.incomplete:
-		x.status, x.errText = http.StatusBadGateway, "upstream closed the stream before it finished"
-		rl.cool.fail(e.health, k, x.model, verdict{scope: scopeChannel, class: transient, status: x.status, reason: "stream ended early", started: x.attemptStart})
+		ev = evidence{status: http.StatusBadGateway, reason: "upstream closed the stream before it finished"}
 	case end.lateErr != nil:
-		v := classifyStatus(end.lateErr.status)
-		if v.scope == scopeNone {
-			v = verdict{scope: scopeChannel, class: transient}
-		}
-		v.status, v.reason = end.lateErr.status, "error event mid-stream: "+truncate(end.lateErr.message, 160)
-		v.started = x.attemptStart
-		x.status, x.errText = end.lateErr.status, v.reason
-		rl.cool.fail(e.health, k, x.model, v)
+		ev = evidence{status: end.lateErr.status, apiDoc: true, aux: x.aux,
+			reason: "error event mid-stream: " + truncate(end.lateErr.message, 160)}
+	default:
+		return
 	}
-}
-
-// classifyStatus maps an upstream status to what it blames (the failure
-// table of SPEC §3). 404 is refined by its body in attempt.
-func classifyStatus(status int) verdict {
-	switch {
-	case status == 401 || status == 402 || status == 403:
-		return verdict{scope: scopeKey, class: persistent}
-	case status == 429:
-		return verdict{scope: scopeKey, class: transient}
-	case status == 404:
-		return verdict{scope: scopeChannel, class: transient}
-	case status == 408 || status >= 500:
-		return verdict{scope: scopeChannel, class: transient}
-	}
-	return verdict{scope: scopeNone}
-}
-
-// retryAfter reads the upstream's own reset time: Retry-After (seconds or a
-// date) and retry-after-ms on any status; on a 429 also OpenAI's
-// x-ratelimit-reset-* durations and Anthropic's anthropic-ratelimit-*-reset
-// times, which APIs send on every response and which say when a limit
-// resets, not when a failing key or channel recovers. 0 when none applies.
-func retryAfter(h http.Header, status int, now time.Time) time.Duration {
-	if v := h.Get("Retry-After-Ms"); v != "" {
-		if ms, err := strconv.ParseFloat(v, 64); err == nil && ms > 0 {
-			return time.Duration(ms * float64(time.Millisecond))
-		}
-	}
-	if v := h.Get("Retry-After"); v != "" {
-		if s, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && s > 0 {
-			return time.Duration(s) * time.Second
-		}
-		if t, err := http.ParseTime(v); err == nil && t.After(now) {
-			return t.Sub(now)
-		}
-	}
-	var d time.Duration
-	if status != http.StatusTooManyRequests {
-		return 0
-	}
-	for name, vs := range h {
-		lower := strings.ToLower(name)
-		switch {
-		case strings.HasPrefix(lower, "x-ratelimit-reset"):
-			if v, err := time.ParseDuration(vs[0]); err == nil {
-				d = max(d, v)
-			}
-		case strings.HasPrefix(lower, "anthropic-ratelimit-") && strings.HasSuffix(lower, "-reset"):
-			if t, err := time.Parse(time.RFC3339, vs[0]); err == nil && t.After(now) {
-				d = max(d, t.Sub(now))
-			}
-		}
-	}
-	return d
+	x.status, x.errText = ev.status, ev.reason
+	rl.blame(x, &x.tries[x.served], rl.judge(ev))
 }
 
 // bufferedResponse gives res a body that was already read in full.
@@ -792,13 +753,12 @@ func readSome(r io.Reader, p []byte) (int, error) {
 
 // exhaustedError is the answer when no channel gave one.
 type exhaustedError struct {
-	x     *exchange
-	tried int
-	free  int64 // UnixNano when the first channel frees; 0 if none is cooling
+	x    *exchange
+	free int64 // UnixNano when the first channel frees; 0 if none is cooling
 }
 
 func (e *exhaustedError) Error() string {
-	msg := fmt.Sprintf("no channel could serve model %q: tried %d of %d", e.x.model, e.tried, e.x.plan.total)
+	msg := fmt.Sprintf("no channel could serve model %q: tried %d of %d", e.x.model, len(e.x.tries), e.x.plan.total)
 	if e.x.errText != "" {
 		msg += "; last error: " + e.x.errText
 	}
@@ -809,8 +769,7 @@ func (e *exhaustedError) Error() string {
 }
 
 func (rl *relay) firstFree(x *exchange) int64 {
-	snap := rl.sel.current()
-	rt := snap.route(x.proto, x.model)
+	rt := rl.sel.current().route(x.proto, x.model)
 	if rt == nil {
 		return 0
 	}
@@ -841,7 +800,7 @@ func (rl *relay) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	if errors.As(err, &ex) {
 		x.status = http.StatusServiceUnavailable
 		if ex.free > 0 {
-			secs := int64(time.Until(time.Unix(0, ex.free)).Seconds()) + 1
+			secs := int64(time.Unix(0, ex.free).Sub(rl.Now()).Seconds()) + 1
 			w.Header().Set("Retry-After", strconv.FormatInt(max(secs, 1), 10))
 		}
 		msg := ex.Error()
@@ -867,29 +826,42 @@ func (rl *relay) finish(x *exchange) {
 	}
 	dur := rl.Now().Sub(x.start)
 	e := logEntry{
-		Time:          x.start,
-		Token:         x.token,
-		Protocol:      x.proto.String(),
-		Model:         x.model,
-		UpstreamModel: x.upstreamModel,
-		KeyIndex:      x.keyIndex,
-		Attempts:      x.attempts,
-		Status:        x.status,
-		DurationMS:    dur.Milliseconds(),
-		FirstByteMS:   x.firstByte.Milliseconds(),
-		Stream:        x.stream,
-		InputTokens:   x.usage.Input,
-		OutputTokens:  x.usage.Output,
-		CacheRead:     x.usage.CacheRead,
-		CacheWrite:    x.usage.CacheWrite,
-		ClientIP:      x.clientIP,
-		Error:         truncate(x.errText, 300),
+		Time:         x.start,
+		Token:        x.token,
+		Protocol:     x.proto.String(),
+		Model:        x.model,
+		KeyIndex:     -1,
+		Attempts:     len(x.tries),
+		Status:       x.status,
+		DurationMS:   dur.Milliseconds(),
+		FirstByteMS:  x.firstByte.Milliseconds(),
+		Stream:       x.stream,
+		InputTokens:  x.usage.Input,
+		OutputTokens: x.usage.Output,
+		CacheRead:    x.usage.CacheRead,
+		CacheWrite:   x.usage.CacheWrite,
+		ClientIP:     x.clientIP,
+		Error:        truncate(x.errText, 300),
 	}
-	if x.entry != nil {
-		e.ChannelID, e.ChannelName = x.entry.ch.ID, x.entry.ch.Name
+	// The row names the channel that answered, or else the last one tried.
+	if t := x.logTry(); t != nil {
+		e.ChannelID, e.ChannelName, e.KeyIndex = t.entry.ch.ID, t.entry.ch.Name, t.key
+		e.UpstreamModel = t.entry.upstreamModel(x.model)
 	}
 	rl.metrics.request(&e, dur)
 	rl.logs.add(e)
+}
+
+// logTry is the try the log row is about: the one whose answer the client
+// got, else the last; nil when none was made.
+func (x *exchange) logTry() *try {
+	switch {
+	case x.served >= 0:
+		return &x.tries[x.served]
+	case len(x.tries) > 0:
+		return &x.tries[len(x.tries)-1]
+	}
+	return nil
 }
 
 func shortError(err error) string {

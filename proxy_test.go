@@ -1402,3 +1402,40 @@ func TestHTTP2Upstream(t *testing.T) {
 		}
 	}
 }
+
+// An error event after content began is judged like any failure: a
+// not_found_error cools the model on that channel, not the whole channel.
+func TestMidStreamNotFoundCoolsTheModel(t *testing.T) {
+	e := newTestEnv(t)
+	up := newFakeUpstream(t, "a")
+	up.set(fakeBehavior{Deltas: 3, CutAfter: 1, MidStreamError: true, ErrType: "not_found_error"})
+	ch := e.addChannel(Channel{Name: "a", URL: up.URL})
+	resp, body := e.post("/v1/messages", anthropicBody("claude-x", true))
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "not_found_error") {
+		t.Fatalf("status %d body %s", resp.StatusCode, body)
+	}
+	st := e.health(ch.ID)
+	if st.CooldownUntil != nil || len(st.Models) != 1 || st.Models[0].Model != "claude-x" {
+		t.Errorf("state %+v; want only the model cooling", st)
+	}
+	if row := e.lastLog(); row.Status != 404 || !strings.Contains(row.Error, "error event mid-stream") {
+		t.Errorf("log row status %d error %q", row.Status, row.Error)
+	}
+}
+
+// A 200 that carries a 404 on count_tokens is what a 404 there is: a relay
+// without the endpoint. It cools nothing and the next channel answers.
+func TestCountTokens200Carrying404CoolsNothing(t *testing.T) {
+	e := newTestEnv(t)
+	a, b := newFakeUpstream(t, "a"), newFakeUpstream(t, "b")
+	a.set(fakeBehavior{ErrorIn200: true, ErrType: "not_found_error"})
+	ach := e.addChannel(Channel{Name: "a", URL: a.URL, Priority: 1})
+	e.addChannel(Channel{Name: "b", URL: b.URL})
+	resp, body := e.post("/v1/messages/count_tokens", `{"model":"m","messages":[]}`)
+	if resp.StatusCode != 200 || b.count() != 1 || !strings.Contains(string(body), "input_tokens") {
+		t.Fatalf("status %d, b hits %d, body %s; want 200 from b", resp.StatusCode, b.count(), body)
+	}
+	if st := e.health(ach.ID); st.CooldownUntil != nil || len(st.Models) != 0 || st.Keys[0].CooldownUntil != nil {
+		t.Errorf("cooled something: %+v", st)
+	}
+}

@@ -108,6 +108,47 @@ func (s *snapshot) route(p protocol, model string) *route {
 	return pr.any
 }
 
+// newEntry prepares one channel for the hot path. h is its health; nil
+// gives it a fresh one.
+func newEntry(c Channel, h *channelHealth) (*channelEntry, error) {
+	p, err := parseChannelType(c.Type)
+	if err != nil {
+		return nil, fmt.Errorf("channel %d: %w", c.ID, err)
+	}
+	base, err := url.Parse(c.URL)
+	if err != nil {
+		return nil, fmt.Errorf("channel %d: url: %w", c.ID, err)
+	}
+	base.Path = strings.TrimSuffix(base.Path, "/")
+	base.RawPath = strings.TrimSuffix(base.RawPath, "/")
+	e := &channelEntry{
+		ch:       c,
+		proto:    p,
+		health:   h,
+		base:     base,
+		official: strings.EqualFold(base.Hostname(), "api.anthropic.com"),
+	}
+	if e.health == nil {
+		e.health = &channelHealth{id: c.ID, keys: make([]coolSlot, len(c.APIKeys))}
+	}
+	for _, k := range c.APIKeys {
+		e.keyValue = append(e.keyValue, []string{k})
+		e.bearerValue = append(e.bearerValue, []string{"Bearer " + k})
+	}
+	// Empty models means any model, redirects or not; a list is widened by
+	// the redirects' asked names.
+	if len(c.Models) > 0 {
+		e.serves = make(map[string]struct{})
+		for _, m := range c.Models {
+			e.serves[m] = struct{}{}
+		}
+		for m := range c.ModelRedirects {
+			e.serves[m] = struct{}{}
+		}
+	}
+	return e, nil
+}
+
 // buildSnapshot prepares channels for the hot path. health maps every
 // channel id to its health (see cooldowns.sync).
 func buildSnapshot(channels []Channel, health map[int64]*channelHealth) (*snapshot, error) {
@@ -117,40 +158,9 @@ func buildSnapshot(channels []Channel, health map[int64]*channelHealth) (*snapsh
 		if !c.Enabled {
 			continue
 		}
-		p, err := parseChannelType(c.Type)
+		e, err := newEntry(c, health[c.ID])
 		if err != nil {
-			return nil, fmt.Errorf("channel %d: %w", c.ID, err)
-		}
-		base, err := url.Parse(c.URL)
-		if err != nil {
-			return nil, fmt.Errorf("channel %d: url: %w", c.ID, err)
-		}
-		base.Path = strings.TrimSuffix(base.Path, "/")
-		base.RawPath = strings.TrimSuffix(base.RawPath, "/")
-		e := &channelEntry{
-			ch:       c,
-			proto:    p,
-			health:   health[c.ID],
-			base:     base,
-			official: strings.EqualFold(base.Hostname(), "api.anthropic.com"),
-		}
-		if e.health == nil {
-			e.health = &channelHealth{id: c.ID, keys: make([]coolSlot, len(c.APIKeys))}
-		}
-		for _, k := range c.APIKeys {
-			e.keyValue = append(e.keyValue, []string{k})
-			e.bearerValue = append(e.bearerValue, []string{"Bearer " + k})
-		}
-		// Empty models means any model, redirects or not; a list is
-		// widened by the redirects' asked names.
-		if len(c.Models) > 0 {
-			e.serves = make(map[string]struct{})
-			for _, m := range c.Models {
-				e.serves[m] = struct{}{}
-			}
-			for m := range c.ModelRedirects {
-				e.serves[m] = struct{}{}
-			}
+			return nil, err
 		}
 		s.entries = append(s.entries, e)
 		s.byID[c.ID] = e
@@ -216,6 +226,18 @@ type plan struct {
 	lastResort      *channelEntry
 	lastResortUntil int64 // UnixNano
 	total           int   // candidates considered
+}
+
+// candidate returns the i-th channel to try: the planned order, then the
+// last resort; nil when there is none left.
+func (p *plan) candidate(i int) *channelEntry {
+	switch {
+	case i < len(p.order):
+		return p.order[i]
+	case i == len(p.order):
+		return p.lastResort
+	}
+	return nil
 }
 
 // makePlan orders r's channels for one request at now (UnixNano), appending

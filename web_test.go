@@ -732,9 +732,9 @@ func testBrowserCooldown(t *testing.T, bctx context.Context) {
 	ch := e.addChannel(Channel{Name: "Flaky", URL: up.URL, APIKeys: []string{"sk-flaky-key-0000", "sk-flaky-key-1111"}})
 	e.addChannel(Channel{Name: "Steady", URL: up.URL})
 	h := e.app.cool.get(ch.ID)
-	e.app.cool.fail(h, -1, "", verdict{scope: scopeChannel, base: transientBase, status: 503, reason: "upstream 503 overloaded"})
-	e.app.cool.fail(h, 1, "", verdict{scope: scopeKey, base: persistentBase, status: 401, reason: "401 invalid x-api-key"})
-	e.app.cool.fail(h, -1, "claude-gone", verdict{scope: scopeModel, base: persistentBase, status: 404, reason: "model not found"})
+	e.app.cool.fail(h, -1, "", verdict{scope: scopeChannel, base: defaultCooldownPolicy.Transient, status: 503, reason: "upstream 503 overloaded"})
+	e.app.cool.fail(h, 1, "", verdict{scope: scopeKey, base: defaultCooldownPolicy.Persistent, status: 401, reason: "401 invalid x-api-key"})
+	e.app.cool.fail(h, -1, "claude-gone", verdict{scope: scopeModel, base: defaultCooldownPolicy.Persistent, status: 404, reason: "model not found"})
 
 	b := newBrowser(t, bctx, e)
 	flaky := rowSel("health-table", "name", "Flaky")
@@ -1098,8 +1098,8 @@ func testBrowserScreenshots(t *testing.T, bctx context.Context) {
 	}
 	e.reload()
 	h := e.app.cool.get(bk.ID)
-	e.app.cool.fail(h, -1, "", verdict{scope: scopeChannel, base: transientBase, status: 529, reason: "529 overloaded_error: Overloaded"})
-	e.app.cool.fail(e.app.cool.get(a.ID), 1, "", verdict{scope: scopeKey, base: persistentBase, status: 401, reason: "401 authentication_error: invalid x-api-key"})
+	e.app.cool.fail(h, -1, "", verdict{scope: scopeChannel, base: defaultCooldownPolicy.Transient, status: 529, reason: "529 overloaded_error: Overloaded"})
+	e.app.cool.fail(e.app.cool.get(a.ID), 1, "", verdict{scope: scopeKey, base: defaultCooldownPolicy.Persistent, status: 401, reason: "401 authentication_error: invalid x-api-key"})
 	seedTraffic(t, e, []Channel{a, bk, cx})
 
 	b := newBrowser(t, bctx, e)
