@@ -41,9 +41,8 @@ type mirrorStatus interface {
 	Status() map[string]any
 }
 
-// apiError is an error with the status the admin API answers it with. The
-// message is the user's to read; anything unexpected is logged and answered
-// as "internal error".
+// apiError is an error with its own status (415, say). The message is the
+// user's to read.
 type apiError struct {
 	status int
 	msg    string
@@ -51,8 +50,15 @@ type apiError struct {
 
 func (e *apiError) Error() string { return e.msg }
 
-func badRequest(format string, a ...any) error {
-	return &apiError{http.StatusBadRequest, fmt.Sprintf(format, a...)}
+// apiHandler is an admin handler that returns its error instead of writing
+// it: ServeHTTP answers it once, with the status it maps to (see
+// writeAPIError).
+type apiHandler func(w http.ResponseWriter, r *http.Request) error
+
+func (h apiHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if err := h(w, r); err != nil {
+		writeAPIError(w, r, err)
+	}
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -69,13 +75,22 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Write([]byte{'\n'})
 }
 
-// writeAPIError answers err once, with its status.
+// writeAPIError answers err with its status: the one table from errors to
+// statuses. The user reads the message; anything unexpected is logged and
+// answered as "internal error".
 func writeAPIError(w http.ResponseWriter, r *http.Request, err error) {
 	var ae *apiError
 	var tooBig *http.MaxBytesError
+	var de interface{ details() map[string]any }
 	switch {
+	case errors.As(err, &de) && errors.Is(err, errInvalid):
+		body := de.details()
+		body["error"] = err.Error()
+		writeJSON(w, http.StatusBadRequest, body)
 	case errors.As(err, &ae):
 		writeJSON(w, ae.status, map[string]string{"error": ae.msg})
+	case errors.Is(err, errInvalid):
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
 	case errors.Is(err, errNotFound):
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
 	case errors.Is(err, errDuplicate):
@@ -95,18 +110,18 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 		return err
 	}
 	if len(bytes.TrimSpace(body)) == 0 {
-		return badRequest("request body is empty: send a JSON object")
+		return invalid("request body is empty: send a JSON object")
 	}
 	if err := json.Unmarshal(body, v); err != nil {
 		var se *json.SyntaxError
 		var te *json.UnmarshalTypeError
 		switch {
 		case errors.As(err, &se):
-			return badRequest("malformed JSON at byte %d: %v", se.Offset, se)
+			return invalid("malformed JSON at byte %d: %v", se.Offset, se)
 		case errors.As(err, &te):
-			return badRequest("field %q: expected %s, got %s", te.Field, te.Type, te.Value)
+			return invalid("field %q: expected %s, got %s", te.Field, te.Type, te.Value)
 		}
-		return badRequest("malformed JSON: %v", err)
+		return invalid("malformed JSON: %v", err)
 	}
 	return nil
 }
@@ -154,98 +169,100 @@ func (a *admin) view(c Channel) channelView {
 // changeChannels runs write, a change to the stored channels, and swaps in
 // a snapshot of the result. Channel writes are serialized (a.mu) so the
 // live snapshot always reflects the latest one, and run inside
-// cool.exclusive because a change of URL or keys deletes cooldown rows.
+// cool.exclusive because a change of URL or keys deletes cooldown rows:
+// those of the channels the new snapshot retired (see cooldowns.sync). A
+// nil write only reloads.
 func (a *admin) changeChannels(ctx context.Context, write func() error) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.cool.exclusive(func() error {
-		if err := write(); err != nil {
-			return err
+		if write != nil {
+			if err := write(); err != nil {
+				return err
+			}
 		}
 		// Committed: the proxy must see it even if the admin client left.
-		return a.reload(context.WithoutCancel(ctx))
-	})
-}
-
-// reload swaps in a snapshot of the stored channels. a.mu must be held.
-func (a *admin) reload(ctx context.Context) error {
-	chs, err := a.store.ListChannels(ctx)
-	if err != nil {
+		ctx := context.WithoutCancel(ctx)
+		chs, err := a.store.ListChannels(ctx)
+		if err != nil {
+			return err
+		}
+		retired, err := a.sel.load(chs)
+		for _, id := range retired {
+			err = errors.Join(err, a.store.ClearCooldowns(ctx, id))
+		}
 		return err
-	}
-	return a.sel.load(chs)
+	})
 }
 
 func pathID(r *http.Request) (int64, error) {
 	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
 	if err != nil || id <= 0 {
-		return 0, badRequest("channel id %q is not a positive integer", r.PathValue("id"))
+		return 0, invalid("id %q is not a positive integer", r.PathValue("id"))
 	}
 	return id, nil
 }
 
 func (a *admin) handleListChannels() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		chs, err := a.store.ListChannels(r.Context())
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		out := make([]channelView, 0, len(chs))
 		for _, c := range chs {
 			out = append(out, a.view(c))
 		}
 		writeJSON(w, http.StatusOK, out)
+		return nil
 	})
 }
 
 func (a *admin) handleGetChannel() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		c, err := a.store.GetChannel(r.Context(), id)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		writeJSON(w, http.StatusOK, a.view(c))
+		return nil
 	})
 }
 
 func (a *admin) handleCreateChannel() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		var in map[string]json.RawMessage
 		if err := decodeJSON(w, r, &in); err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		c := Channel{Enabled: true}
-		if err := applyChannelInput(&c, in, true); err != nil {
-			writeAPIError(w, r, err)
-			return
+		if err := c.apply(in); err != nil {
+			return err
+		}
+		if err := c.validate(); err != nil {
+			return err
 		}
 		if err := a.changeChannels(r.Context(), func() error { return a.store.CreateChannel(r.Context(), &c) }); err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		writeJSON(w, http.StatusCreated, a.view(c))
+		return nil
 	})
 }
 
 func (a *admin) handleUpdateChannel() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		var in map[string]json.RawMessage
 		if err := decodeJSON(w, r, &in); err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		var c Channel
 		err = a.changeChannels(r.Context(), func() error {
@@ -253,45 +270,45 @@ func (a *admin) handleUpdateChannel() http.Handler {
 			if c, err = a.store.GetChannel(r.Context(), id); err != nil {
 				return err
 			}
-			if err := applyChannelInput(&c, in, false); err != nil {
+			if err := c.apply(in); err != nil {
+				return err
+			}
+			if err := c.validate(); err != nil {
 				return err
 			}
 			return a.store.UpdateChannel(r.Context(), &c)
 		})
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		writeJSON(w, http.StatusOK, a.view(c))
+		return nil
 	})
 }
 
 func (a *admin) handleDeleteChannel() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		if err := a.changeChannels(r.Context(), func() error { return a.store.DeleteChannel(r.Context(), id) }); err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"deleted": id})
+		return nil
 	})
 }
 
 func (a *admin) handleClearCooldown() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		c, err := a.store.GetChannel(r.Context(), id)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		err = a.cool.exclusive(func() error {
 			if h := a.cool.get(id); h != nil {
@@ -300,22 +317,20 @@ func (a *admin) handleClearCooldown() http.Handler {
 			return a.store.ClearCooldowns(r.Context(), id)
 		})
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		writeJSON(w, http.StatusOK, a.view(c))
+		return nil
 	})
 }
 
 // handleTestChannel sends a minimal real request through one channel and
-// reports status and latency. A success clears the channel's cooldowns; a
-// failure cools nothing, since a person is probing.
+// reports status and latency (see relay.probe).
 func (a *admin) handleTestChannel() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		var in struct {
 			Model    string `json:"model"`
@@ -323,24 +338,22 @@ func (a *admin) handleTestChannel() http.Handler {
 		}
 		if r.ContentLength != 0 {
 			if err := decodeJSON(w, r, &in); err != nil {
-				writeAPIError(w, r, err)
-				return
+				return err
 			}
 		}
 		c, err := a.store.GetChannel(r.Context(), id)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		k := 0
 		if in.KeyIndex != nil {
 			k = *in.KeyIndex
 		}
 		if k < 0 || k >= len(c.APIKeys) {
-			writeAPIError(w, r, badRequest("key_index %d: channel has %d keys", k, len(c.APIKeys)))
-			return
+			return invalid("key_index %d: channel has %d keys", k, len(c.APIKeys))
 		}
 		writeJSON(w, http.StatusOK, a.relay.probe(r.Context(), c, k, in.Model))
+		return nil
 	})
 }
 
@@ -378,19 +391,19 @@ func (a *admin) summary(ctx context.Context) (summary, error) {
 }
 
 func (a *admin) handleSummary() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		s, err := a.summary(r.Context())
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		writeJSON(w, http.StatusOK, s)
+		return nil
 	})
 }
 
 func (a *admin) handleHealthz() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if err := a.store.rdb.PingContext(r.Context()); err != nil {
+		if err := a.store.Ping(r.Context()); err != nil {
 			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "database unavailable"})
 			return
 		}
@@ -454,13 +467,13 @@ func (p *queryParams) err() error {
 	if len(p.errs) == 0 {
 		return nil
 	}
-	return badRequest("%s", strings.Join(p.errs, "; "))
+	return invalid("%s", strings.Join(p.errs, "; "))
 }
 
 const maxStatsHours = 24 * 366
 
 func (a *admin) handleLogs() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		p := &queryParams{q: r.URL.Query()}
 		f := logFilter{
 			ChannelID: p.int("channel_id", 0, 0, math.MaxInt64),
@@ -487,8 +500,7 @@ func (a *admin) handleLogs() http.Handler {
 			p.errs = append(p.errs, "until must be after since")
 		}
 		if err := p.err(); err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		// One row more than asked says whether an older page exists, so
 		// next_before_id never leads to an empty page.
@@ -496,8 +508,7 @@ func (a *admin) handleLogs() http.Handler {
 		f.Limit++
 		rows, total, err := a.store.QueryLogs(r.Context(), f)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		var next *int64
 		if len(rows) > limit {
@@ -506,25 +517,22 @@ func (a *admin) handleLogs() http.Handler {
 			next = &id
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"logs": rows, "total": total, "next_before_id": next})
+		return nil
 	})
 }
 
-// hoursParam reads ?hours= (default 24); a bad value is answered here.
-func hoursParam(w http.ResponseWriter, r *http.Request) (int, bool) {
+// hoursParam reads ?hours= (default 24).
+func hoursParam(r *http.Request) (int, error) {
 	p := &queryParams{q: r.URL.Query()}
 	hours := int(p.int("hours", 24, 1, maxStatsHours))
-	if err := p.err(); err != nil {
-		writeAPIError(w, r, err)
-		return 0, false
-	}
-	return hours, true
+	return hours, p.err()
 }
 
 func (a *admin) handleStats() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hours, ok := hoursParam(w, r)
-		if !ok {
-			return
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
+		hours, err := hoursParam(r)
+		if err != nil {
+			return err
 		}
 		names := map[int64]string{}
 		for _, c := range a.sel.current().all {
@@ -533,24 +541,24 @@ func (a *admin) handleStats() http.Handler {
 		since := windowStart(a.now(), hours)
 		chs, models, err := a.store.Stats(r.Context(), since, names)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		writeJSON(w, http.StatusOK, stats{Hours: hours, Since: since, Channels: chs, Models: models})
+		return nil
 	})
 }
 
 func (a *admin) handleTrends() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hours, ok := hoursParam(w, r)
-		if !ok {
-			return
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
+		hours, err := hoursParam(r)
+		if err != nil {
+			return err
 		}
 		b, err := a.store.Trends(r.Context(), a.now(), hours)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"hours": hours, "buckets": b})
+		return nil
 	})
 }

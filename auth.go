@@ -291,37 +291,33 @@ func sessionToken(r *http.Request) (tok string, fromCookie bool) {
 }
 
 func (a *admin) handleLogin() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		var in struct {
 			Password string `json:"password"`
 		}
 		if err := decodeJSON(w, r, &in); err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		ip := clientIP(r)
 		if wait, ok := a.limiter.begin(ip); !ok {
 			w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())+1))
-			writeJSON(w, http.StatusTooManyRequests, map[string]string{
-				"error": fmt.Sprintf("too many failed logins: try again in %s", wait.Round(time.Second))})
-			return
+			return &apiError{http.StatusTooManyRequests, fmt.Sprintf("too many failed logins: try again in %s", wait.Round(time.Second))}
 		}
 		if in.Password == "" || !a.pass.check(in.Password) {
-			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "wrong password"})
-			return
+			return &apiError{http.StatusUnauthorized, "wrong password"}
 		}
 		a.limiter.forgive(ip)
 		tok := rand.Text() + rand.Text()
 		expires := a.now().Add(sessionTTL)
 		if err := a.store.CreateSession(r.Context(), tokenHash(tok), expires); err != nil {
-			writeAPIError(w, r, fmt.Errorf("create session: %w", err))
-			return
+			return fmt.Errorf("create session: %w", err)
 		}
 		http.SetCookie(w, &http.Cookie{
 			Name: sessionCookie, Value: tok, Path: "/", Expires: expires, MaxAge: int(sessionTTL.Seconds()),
 			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: isHTTPS(r),
 		})
 		writeJSON(w, http.StatusOK, map[string]any{"token": tok, "expires_at": expires.UTC()})
+		return nil
 	})
 }
 
@@ -332,16 +328,16 @@ func isHTTPS(r *http.Request) bool {
 }
 
 func (a *admin) handleLogout() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		if tok, _ := sessionToken(r); tok != "" {
 			if err := a.store.DeleteSession(r.Context(), tokenHash(tok)); err != nil {
-				writeAPIError(w, r, err)
-				return
+				return err
 			}
 		}
 		http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: "", Path: "/", MaxAge: -1,
 			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: isHTTPS(r)})
 		writeJSON(w, http.StatusOK, map[string]bool{"ok": true})
+		return nil
 	})
 }
 
@@ -349,30 +345,24 @@ func (a *admin) handleLogout() http.Handler {
 // token, and for cookie-authenticated writes, a same-origin request.
 func (a *admin) requireSession(next http.Handler) http.Handler {
 	cop := http.NewCrossOriginProtection()
-	cop.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusForbidden, map[string]string{"error": "cross-site request refused"})
-	}))
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		tok, fromCookie := sessionToken(r)
 		if tok == "" {
-			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "login required: POST /login, then send the cookie or Authorization: Bearer <token>"})
-			return
+			return &apiError{http.StatusUnauthorized, "login required: POST /login, then send the cookie or Authorization: Bearer <token>"}
 		}
 		ok, err := a.store.SessionValid(r.Context(), tokenHash(tok))
 		if err != nil {
-			writeAPIError(w, r, fmt.Errorf("check session: %w", err))
-			return
+			return fmt.Errorf("check session: %w", err)
 		}
 		if !ok {
-			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "session expired or invalid: log in again"})
-			return
+			return &apiError{http.StatusUnauthorized, "session expired or invalid: log in again"}
 		}
 		if fromCookie {
 			if err := cop.Check(r); err != nil {
-				writeJSON(w, http.StatusForbidden, map[string]string{"error": "cross-site request refused"})
-				return
+				return &apiError{http.StatusForbidden, "cross-site request refused"}
 			}
 		}
 		next.ServeHTTP(w, r)
+		return nil
 	})
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/url"
 	"slices"
@@ -33,22 +34,6 @@ type Channel struct {
 	UpdatedAt      time.Time         `json:"updated_at"`
 }
 
-// validateStored checks a channel from a backup the way the admin API
-// checks a new one, so that a hand-edited backup cannot store what the API
-// would refuse.
-func validateStored(c Channel) (Channel, error) {
-	fields := map[string]any{"name": c.Name, "url": c.URL, "api_keys": c.APIKeys, "channel_type": c.Type,
-		"priority": c.Priority, "models": c.Models, "model_redirects": c.ModelRedirects,
-		"key_strategy": c.KeyStrategy, "enabled": c.Enabled}
-	in := make(map[string]json.RawMessage, len(fields))
-	for k, v := range fields {
-		in[k], _ = json.Marshal(v)
-	}
-	out := Channel{ID: c.ID}
-	err := applyChannelInput(&out, in, true)
-	return out, err
-}
-
 // maskKey shows enough of a key to recognise it and not enough to use it.
 func maskKey(k string) string {
 	n := len(k)
@@ -61,137 +46,269 @@ func maskKey(k string) string {
 	return "…"
 }
 
-// Known input fields of a channel. Output-only fields are accepted and
-// ignored, so a client may send back what it read.
-var (
-	channelInputFields = []string{"name", "url", "api_key", "api_keys", "channel_type", "priority", "models",
-		"model_redirects", "key_strategy", "enabled"}
-	channelOutputFields = []string{"id", "key_count", "state", "created_at", "updated_at"}
-)
+// errInvalid marks a request the user must change: bad or missing input.
+// The admin API answers it with 400 and the message, and nothing changes.
+var errInvalid = errors.New("invalid input")
+
+// invalidError is a message about the user's input; it Is errInvalid.
+type invalidError struct{ msg string }
+
+func (e *invalidError) Error() string        { return e.msg }
+func (e *invalidError) Is(target error) bool { return target == errInvalid }
+
+// invalid is an errInvalid with a message for the user.
+func invalid(format string, a ...any) error {
+	return &invalidError{fmt.Sprintf(format, a...)}
+}
 
 const (
 	keySequential = "sequential"
 	keyRoundRobin = "round_robin"
 )
 
-// applyChannelInput sets the fields present in in on c, validating each.
-// When creating, name, url and a key are required.
-func applyChannelInput(c *Channel, in map[string]json.RawMessage, create bool) error {
+// channelField is one input field of a channel: set reads its JSON value
+// onto the channel, validated and normalised.
+type channelField struct {
+	name string
+	set  func(c *Channel, raw json.RawMessage) error
+}
+
+// channelFields are a channel's input fields, in the order they are applied
+// and their problems reported. api_key is another spelling of api_keys.
+var channelFields = []channelField{
+	{"name", (*Channel).setName},
+	{"url", (*Channel).setURL},
+	{"api_keys", nil}, // with api_key: see keysInput and setKeys
+	{"channel_type", (*Channel).setType},
+	{"priority", (*Channel).setPriority},
+	{"models", (*Channel).setModels},
+	{"model_redirects", (*Channel).setRedirects},
+	{"key_strategy", (*Channel).setKeyStrategy},
+	{"enabled", (*Channel).setEnabled},
+}
+
+// channelOutputFields are accepted on input and ignored, so a client may
+// send back what it read.
+var channelOutputFields = []string{"id", "key_count", "state", "created_at", "updated_at"}
+
+// apply sets the fields present in in on c, each validated; absent fields
+// keep their values. It does not check that c is complete: see validate.
+func (c *Channel) apply(in map[string]json.RawMessage) error {
 	for k := range in {
-		if !slices.Contains(channelInputFields, k) && !slices.Contains(channelOutputFields, k) {
-			return badRequest("unknown field %q (known: %s)", k, strings.Join(channelInputFields, ", "))
+		if k != "api_key" && !slices.ContainsFunc(channelFields, func(f channelField) bool { return f.name == k }) &&
+			!slices.Contains(channelOutputFields, k) {
+			names := make([]string, 0, len(channelFields)+1)
+			for _, f := range channelFields {
+				names = append(names, f.name)
+			}
+			return invalid("unknown field %q (known: api_key, %s)", k, strings.Join(names, ", "))
 		}
 	}
-	str := func(field string) (string, bool, error) {
-		raw, ok := in[field]
-		if !ok || string(raw) == "null" {
-			return "", false, nil
+	for _, f := range channelFields {
+		if f.set == nil {
+			keys, given, err := keysInput(in)
+			if err != nil {
+				return err
+			}
+			if given {
+				if err := c.setKeys(keys); err != nil {
+					return err
+				}
+			}
+			continue
 		}
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return "", true, badRequest("%s must be a string", field)
+		if raw, ok := in[f.name]; ok {
+			if err := f.set(c, raw); err != nil {
+				return err
+			}
 		}
-		return s, true, nil
 	}
-	if s, ok, err := str("name"); err != nil {
+	return nil
+}
+
+// applyField sets one field, as apply would; CSV import checks each cell
+// alone this way, so that every bad cell of a row is reported.
+func (c *Channel) applyField(name string, raw json.RawMessage) error {
+	return c.apply(map[string]json.RawMessage{name: raw})
+}
+
+// validate checks what every stored channel has (a name, a URL and a key)
+// and fills in the defaults of the rest.
+func (c *Channel) validate() error {
+	switch {
+	case c.Name == "":
+		return invalid("name is required")
+	case c.URL == "":
+		return invalid("url is required, e.g. https://api.anthropic.com")
+	case len(c.APIKeys) == 0:
+		return invalid("api_key is required: give one or more keys (a list, or separated by commas or newlines)")
+	}
+	if c.Type == "" {
+		c.Type = protoAnthropic.String()
+	}
+	if c.KeyStrategy == "" {
+		c.KeyStrategy = keySequential
+	}
+	return nil
+}
+
+// normalized returns c as it would be stored had it come through the
+// admin API, or why it could not: a hand-edited Redis backup cannot store
+// what the API would refuse.
+func (c Channel) normalized() (Channel, error) {
+	fields := map[string]any{"name": c.Name, "url": c.URL, "api_keys": c.APIKeys, "channel_type": c.Type,
+		"priority": c.Priority, "models": c.Models, "model_redirects": c.ModelRedirects,
+		"key_strategy": c.KeyStrategy, "enabled": c.Enabled}
+	in := make(map[string]json.RawMessage, len(fields))
+	for k, v := range fields {
+		in[k], _ = json.Marshal(v)
+	}
+	out := Channel{ID: c.ID}
+	if err := out.apply(in); err != nil {
+		return out, err
+	}
+	return out, out.validate()
+}
+
+// stringInput reads a JSON string; null counts as absent.
+func stringInput(field string, raw json.RawMessage) (string, bool, error) {
+	if string(raw) == "null" {
+		return "", false, nil
+	}
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return "", true, invalid("%s must be a string", field)
+	}
+	return s, true, nil
+}
+
+func (c *Channel) setName(raw json.RawMessage) error {
+	s, ok, err := stringInput("name", raw)
+	if err != nil || !ok {
 		return err
-	} else if ok || create {
-		s = strings.TrimSpace(s)
-		if s == "" {
-			return badRequest("name is required")
-		}
-		if utf8.RuneCountInString(s) > 100 {
-			return badRequest("name is longer than 100 characters")
-		}
-		// A NUL ends SQLite's NOCASE comparison, so such names would clash
-		// in the UNIQUE index; line breaks and the like only garble tables.
-		if strings.ContainsFunc(s, unicode.IsControl) {
-			return badRequest("name must not contain control characters (line breaks, tabs, NUL…)")
-		}
-		c.Name = s
 	}
-	if s, ok, err := str("url"); err != nil {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return invalid("name is required")
+	}
+	if utf8.RuneCountInString(s) > 100 {
+		return invalid("name is longer than 100 characters")
+	}
+	// A NUL ends SQLite's NOCASE comparison, so such names would clash in
+	// the UNIQUE index; line breaks and the like only garble tables.
+	if strings.ContainsFunc(s, unicode.IsControl) {
+		return invalid("name must not contain control characters (line breaks, tabs, NUL…)")
+	}
+	c.Name = s
+	return nil
+}
+
+func (c *Channel) setURL(raw json.RawMessage) error {
+	s, ok, err := stringInput("url", raw)
+	if err != nil || !ok {
 		return err
-	} else if ok || create {
-		u, err := normalizeURL(s)
-		if err != nil {
-			return err
-		}
-		c.URL = u
 	}
-	keys, keysGiven, err := keysInput(in)
+	u, err := normalizeURL(s)
 	if err != nil {
 		return err
 	}
-	if keysGiven {
-		if keys, err = unmaskKeys(keys, c.APIKeys); err != nil {
-			return err
-		}
-		c.APIKeys = keys
-	}
-	if len(c.APIKeys) == 0 {
-		return badRequest("api_key is required: give one or more keys (a list, or separated by commas or newlines)")
-	}
-	if s, ok, err := str("channel_type"); err != nil {
+	c.URL = u
+	return nil
+}
+
+// setKeys takes the keys given (see keysInput); masked ones stand for the
+// stored keys they mask.
+func (c *Channel) setKeys(keys []string) error {
+	keys, err := unmaskKeys(keys, c.APIKeys)
+	if err != nil {
 		return err
-	} else if ok || c.Type == "" {
-		p, err := parseChannelType(s)
-		if err != nil {
-			return badRequest("%v", err)
-		}
-		c.Type = p.String()
 	}
-	if raw, ok := in["priority"]; ok && string(raw) != "null" {
-		p, err := intInput(raw)
-		if err != nil {
-			return badRequest("priority must be an integer")
-		}
-		c.Priority = p
+	if len(keys) == 0 {
+		return invalid("api_key is required: give one or more keys (a list, or separated by commas or newlines)")
 	}
-	if raw, ok := in["models"]; ok {
-		m, err := listInput(raw)
-		if err != nil {
-			return badRequest("models must be a list of names or a comma-separated string")
-		}
-		c.Models = m
-	}
-	if raw, ok := in["model_redirects"]; ok {
-		m, err := redirectsInput(raw)
-		if err != nil {
-			return err
-		}
-		c.ModelRedirects = m
-	}
-	if s, ok, err := str("key_strategy"); err != nil {
+	c.APIKeys = keys
+	return nil
+}
+
+func (c *Channel) setType(raw json.RawMessage) error {
+	s, ok, err := stringInput("channel_type", raw)
+	if err != nil || !ok {
 		return err
-	} else if ok || c.KeyStrategy == "" {
-		ks, err := parseKeyStrategy(s)
-		if err != nil {
-			return err
-		}
-		c.KeyStrategy = ks
 	}
-	if raw, ok := in["enabled"]; ok && string(raw) != "null" {
-		b, err := boolInput(raw)
-		if err != nil {
-			return badRequest("enabled must be true or false")
-		}
-		c.Enabled = b
+	p, err := parseChannelType(s)
+	if err != nil {
+		return invalid("%v", err)
 	}
+	c.Type = p.String()
+	return nil
+}
+
+func (c *Channel) setPriority(raw json.RawMessage) error {
+	if string(raw) == "null" {
+		return nil
+	}
+	p, err := intInput(raw)
+	if err != nil {
+		return invalid("priority must be an integer")
+	}
+	c.Priority = p
+	return nil
+}
+
+func (c *Channel) setModels(raw json.RawMessage) error {
+	m, err := listInput(raw)
+	if err != nil {
+		return invalid("models must be a list of names or a comma-separated string")
+	}
+	c.Models = m
+	return nil
+}
+
+func (c *Channel) setRedirects(raw json.RawMessage) error {
+	m, err := redirectsInput(raw)
+	if err != nil {
+		return err
+	}
+	c.ModelRedirects = m
+	return nil
+}
+
+func (c *Channel) setKeyStrategy(raw json.RawMessage) error {
+	s, ok, err := stringInput("key_strategy", raw)
+	if err != nil || !ok {
+		return err
+	}
+	ks, err := parseKeyStrategy(s)
+	if err != nil {
+		return err
+	}
+	c.KeyStrategy = ks
+	return nil
+}
+
+func (c *Channel) setEnabled(raw json.RawMessage) error {
+	if string(raw) == "null" {
+		return nil
+	}
+	b, err := boolInput(raw)
+	if err != nil {
+		return invalid("enabled must be true or false")
+	}
+	c.Enabled = b
 	return nil
 }
 
 func normalizeURL(s string) (string, error) {
 	s = strings.TrimSpace(s)
 	if s == "" {
-		return "", badRequest("url is required, e.g. https://api.anthropic.com")
+		return "", invalid("url is required, e.g. https://api.anthropic.com")
 	}
 	u, err := url.Parse(s)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return "", badRequest("url %q must be an absolute http(s) URL, e.g. https://api.anthropic.com", s)
+		return "", invalid("url %q must be an absolute http(s) URL, e.g. https://api.anthropic.com", s)
 	}
 	if u.RawQuery != "" || u.Fragment != "" {
-		return "", badRequest("url %q must not have a query or fragment", s)
+		return "", invalid("url %q must not have a query or fragment", s)
 	}
 	u.Path = strings.TrimRight(u.Path, "/")
 	u.RawPath = ""
@@ -205,14 +322,13 @@ func parseKeyStrategy(s string) (string, error) {
 	case keyRoundRobin, "roundrobin", "rr":
 		return keyRoundRobin, nil
 	}
-	return "", badRequest("key_strategy %q: want sequential or round_robin", s)
+	return "", invalid("key_strategy %q: want sequential or round_robin", s)
 }
 
 // keysInput reads api_keys (list or string) and api_key (string); both may
-// hold several keys separated by commas or newlines.
-func keysInput(in map[string]json.RawMessage) ([]string, bool, error) {
-	var keys []string
-	given := false
+// hold several keys separated by commas or newlines. given is false when
+// neither is there (null counts as absent).
+func keysInput(in map[string]json.RawMessage) (keys []string, given bool, err error) {
 	for _, field := range []string{"api_keys", "api_key"} {
 		raw, ok := in[field]
 		if !ok || string(raw) == "null" {
@@ -221,7 +337,7 @@ func keysInput(in map[string]json.RawMessage) ([]string, bool, error) {
 		given = true
 		l, err := listInput(raw)
 		if err != nil {
-			return nil, true, badRequest("%s must be a string or a list of strings", field)
+			return nil, true, invalid("%s must be a string or a list of strings", field)
 		}
 		keys = append(keys, l...)
 	}
@@ -250,7 +366,7 @@ func unmaskKeys(keys, stored []string) ([]string, error) {
 			}
 		}
 		if match < 0 {
-			return nil, badRequest("api_keys[%d] %q is a masked key that matches no stored key: send the full key", i, k)
+			return nil, invalid("api_keys[%d] %q is a masked key that matches no stored key: send the full key", i, k)
 		}
 		used[match] = true
 		out = append(out, stored[match])
@@ -301,14 +417,14 @@ func redirectsInput(raw json.RawMessage) (map[string]string, error) {
 		// A JSON object in a string, as forms and CSV cells send it.
 		var s string
 		if json.Unmarshal(raw, &s) != nil || (strings.TrimSpace(s) != "" && json.Unmarshal([]byte(s), &m) != nil) {
-			return nil, badRequest(`model_redirects must be an object like {"asked-model": "upstream-model"}`)
+			return nil, invalid(`model_redirects must be an object like {"asked-model": "upstream-model"}`)
 		}
 	}
 	out := make(map[string]string, len(m))
 	for k, v := range m {
 		k, v = strings.TrimSpace(k), strings.TrimSpace(v)
 		if k == "" || v == "" {
-			return nil, badRequest("model_redirects: empty model name in %q → %q", k, v)
+			return nil, invalid("model_redirects: empty model name in %q → %q", k, v)
 		}
 		out[k] = v
 	}

@@ -292,9 +292,12 @@ func newCooldowns(now func() time.Time) *cooldowns {
 }
 
 // sync makes the registry match the channel set: a health per channel, kept
-// when its fingerprint is unchanged and fresh otherwise; health of deleted
-// channels is dropped. It returns the health by channel id.
-func (c *cooldowns) sync(channels []Channel) map[int64]*channelHealth {
+// when its fingerprint (URL and keys) is unchanged and fresh otherwise;
+// health of deleted channels is dropped. It returns the health by channel
+// id, and the ids whose old health it retired: their stored cooldown rows
+// describe an upstream that is no longer configured, and the caller
+// deletes them. This is the one place that rule lives.
+func (c *cooldowns) sync(channels []Channel) (health map[int64]*channelHealth, retired []int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	next := make(map[int64]*channelHealth, len(channels))
@@ -304,9 +307,8 @@ func (c *cooldowns) sync(channels []Channel) map[int64]*channelHealth {
 		h := c.byID[ch.ID]
 		if h == nil || h.fingerprint != fp {
 			if h != nil {
-				// URL or keys changed: the old health's queued rows
-				// describe an upstream that is no longer configured.
 				c.retire(h)
+				retired = append(retired, ch.ID)
 			}
 			h = &channelHealth{id: ch.ID, fingerprint: fp, keys: make([]coolSlot, len(ch.APIKeys))}
 		}
@@ -315,14 +317,15 @@ func (c *cooldowns) sync(channels []Channel) map[int64]*channelHealth {
 	for id, h := range c.byID {
 		if _, kept := next[id]; !kept {
 			c.retire(h)
+			retired = append(retired, id)
 		}
 	}
 	c.byID = next
-	out := make(map[int64]*channelHealth, len(next))
+	health = make(map[int64]*channelHealth, len(next))
 	for id, h := range next {
-		out[id] = h
+		health[id] = h
 	}
-	return out
+	return health, retired
 }
 
 // retire stops h persisting anything more and forgets what it queued.

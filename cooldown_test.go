@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/http"
+	"slices"
 	"testing"
 	"time"
 )
@@ -39,7 +40,8 @@ func (c *fakeClock) advance(d time.Duration) { c.t = c.t.Add(d) }
 func newTestCooldowns(ch ...Channel) (*cooldowns, *fakeClock, map[int64]*channelHealth) {
 	clk := &fakeClock{t: time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)}
 	c := newCooldowns(clk.now)
-	return c, clk, c.sync(ch)
+	hs, _ := c.sync(ch)
+	return c, clk, hs
 }
 
 func TestCooldownScopesAndDoubling(t *testing.T) {
@@ -132,21 +134,28 @@ func TestSyncKeepsHealthUnlessURLOrKeysChange(t *testing.T) {
 	h := hs[1]
 	c.fail(h, -1, "", verdict{scope: scopeChannel, base: time.Minute})
 
-	ch.Priority, ch.Models = 5, []string{"x"}
-	if got := c.sync([]Channel{ch})[1]; got != h {
-		t.Error("an unrelated edit replaced the health")
+	sync := func(chs ...Channel) (map[int64]*channelHealth, []int64) { return c.sync(chs) }
+
+	ch.Priority, ch.Models, ch.Name, ch.Enabled = 5, []string{"x"}, "renamed", false
+	if got, retired := sync(ch); got[1] != h || len(retired) != 0 {
+		t.Errorf("an unrelated edit replaced the health (retired %v)", retired)
 	}
 	ch.URL = "https://b"
-	if got := c.sync([]Channel{ch})[1]; got == h || got.ch.until.Load() != 0 {
-		t.Error("a URL change kept the health")
+	if got, retired := sync(ch); got[1] == h || got[1].ch.until.Load() != 0 || !slices.Equal(retired, []int64{1}) {
+		t.Errorf("a URL change kept the health (retired %v)", retired)
 	}
 	h = c.get(1)
 	ch.APIKeys = []string{"k1", "k2"}
-	if got := c.sync([]Channel{ch})[1]; got == h || len(got.keys) != 2 {
-		t.Error("a key change kept the health")
+	if got, retired := sync(ch); got[1] == h || len(got[1].keys) != 2 || !slices.Equal(retired, []int64{1}) {
+		t.Errorf("a key change kept the health (retired %v)", retired)
 	}
-	if got := c.sync(nil); len(got) != 0 || c.get(1) != nil {
-		t.Error("a deleted channel kept its health")
+	h = c.get(1)
+	ch.APIKeys = []string{"k2", "k1"}
+	if got, retired := sync(ch); got[1] == h || !slices.Equal(retired, []int64{1}) {
+		t.Errorf("a new key order kept the health (retired %v): key indexes name other keys now", retired)
+	}
+	if got, retired := sync(); len(got) != 0 || c.get(1) != nil || !slices.Equal(retired, []int64{1}) {
+		t.Errorf("a deleted channel kept its health (retired %v)", retired)
 	}
 }
 

@@ -20,7 +20,7 @@ import (
 	"unicode/utf8"
 )
 
-// CSV export and import of channels (SPEC §7). The export is a backup and
+// CSV export and import of channels (README "CSV import and export"). The export is a backup and
 // carries full keys. An import is one transaction: a file with any bad row
 // changes nothing, and its answer lists every problem by line and column.
 
@@ -75,11 +75,10 @@ func headerKey(s string) string {
 }
 
 func (a *admin) handleExportChannels() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		chs, err := a.store.ListChannels(r.Context())
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		name := "ccload-channels-" + a.now().Format("20060102-1504") + ".csv"
 		h := w.Header()
@@ -101,6 +100,7 @@ func (a *admin) handleExportChannels() http.Handler {
 		if err := cw.Error(); err != nil {
 			slog.Warn("channel export cut short", "err", err)
 		}
+		return nil
 	})
 }
 
@@ -141,6 +141,15 @@ type importProblem struct {
 // importError is an import refused for the problems it lists.
 type importError struct{ problems []importProblem }
 
+// Is makes an import refused for its rows a bad request.
+func (e *importError) Is(target error) bool { return target == errInvalid }
+
+// details lists the problems beside the message (see writeAPIError).
+func (e *importError) details() map[string]any {
+	shown := e.problems[:min(len(e.problems), maxImportProblems)]
+	return map[string]any{"problems": shown, "problem_count": len(e.problems)}
+}
+
 func (e *importError) Error() string {
 	p := e.problems[0]
 	where := fmt.Sprintf("line %d", p.Line)
@@ -180,11 +189,10 @@ type importRow struct {
 }
 
 func (a *admin) handleImportChannels() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		data, err := readImportBody(w, r)
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		f := parseImportFile(data)
 		var res importResult
@@ -193,18 +201,12 @@ func (a *admin) handleImportChannels() http.Handler {
 			res, err = a.store.ImportChannels(r.Context(), f)
 			return err
 		})
-		var ie *importError
-		if errors.As(err, &ie) {
-			shown := ie.problems[:min(len(ie.problems), maxImportProblems)]
-			writeJSON(w, http.StatusBadRequest, map[string]any{"error": ie.Error(), "problems": shown, "problem_count": len(ie.problems)})
-			return
-		}
 		if err != nil {
-			writeAPIError(w, r, err)
-			return
+			return err
 		}
 		slog.Info("channels imported", "created", res.Created, "updated", res.Updated, "unchanged", res.Unchanged)
 		writeJSON(w, http.StatusOK, res)
+		return nil
 	})
 }
 
@@ -217,12 +219,12 @@ func readImportBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 	case "multipart/form-data":
 		mr, err := r.MultipartReader()
 		if err != nil {
-			return nil, badRequest("malformed multipart body: %v", err)
+			return nil, invalid("malformed multipart body: %v", err)
 		}
 		for {
 			p, err := mr.NextPart()
 			if err == io.EOF {
-				return nil, badRequest(`the multipart body has no field "file": send the CSV file in a field named "file"`)
+				return nil, invalid(`the multipart body has no field "file": send the CSV file in a field named "file"`)
 			}
 			if err != nil {
 				return nil, bodyError(err)
@@ -253,7 +255,7 @@ func bodyError(err error) error {
 	if errors.As(err, &tooBig) {
 		return err
 	}
-	return badRequest("reading the upload: %v", err)
+	return invalid("reading the upload: %v", err)
 }
 
 // parseImportFile reads the CSV. It never fails outright: problems with the
@@ -580,17 +582,14 @@ func planImport(existing []Channel, f *importFile) importPlan {
 			}
 		}
 		// Each field alone, so that every bad cell of the row is reported,
-		// not only the first applyChannelInput would stop at.
+		// not only the first apply would stop at.
 		for _, field := range csvColumns {
 			raw, ok := in[field]
 			if !ok {
 				continue
 			}
 			probe := cloneChannel(base)
-			if len(probe.APIKeys) == 0 && field != "api_key" {
-				probe.APIKeys = []string{"placeholder"} // a new row's key is checked on its own
-			}
-			if err := applyChannelInput(&probe, map[string]json.RawMessage{field: raw}, false); err != nil {
+			if err := probe.applyField(field, raw); err != nil {
 				bad(field, "%s", cellMessage(err, field, row.cells[field]))
 			}
 		}
@@ -600,7 +599,11 @@ func planImport(existing []Channel, f *importFile) importPlan {
 		}
 		if len(probs) == 0 && !conflict {
 			c := base
-			if err := applyChannelInput(&c, in, create); err != nil {
+			err := c.apply(in)
+			if err == nil {
+				err = c.validate()
+			}
+			if err != nil {
 				bad("", "%v", err)
 			} else {
 				finalName = c.Name

@@ -583,7 +583,7 @@ func FuzzImportCSV(f *testing.F) {
 			t.Fatalf("%d channels before, %d after, %d created", len(before), len(after), res.Created)
 		}
 		for _, c := range after {
-			if _, err := validateStored(c); err != nil {
+			if _, err := c.normalized(); err != nil {
 				t.Fatalf("import stored an invalid channel %+v: %v", c, err)
 			}
 		}

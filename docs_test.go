@@ -81,15 +81,13 @@ func envReads(t *testing.T) map[string]string {
 
 func TestEnvVarsDocumented(t *testing.T) {
 	reads := envReads(t)
-	for name, where := range reads {
-		if !slices.Contains(envVars, name) {
-			t.Errorf("%s reads %s, which envVars (main.go) does not list", where, name)
-		}
+	var envVars []string // every variable ccload reads, from the code itself
+	for name := range reads {
+		envVars = append(envVars, name)
 	}
-	for _, name := range envVars {
-		if _, ok := reads[name]; !ok {
-			t.Errorf("envVars lists %s, but no getenv(%q) reads it", name, name)
-		}
+	slices.Sort(envVars)
+	if len(envVars) < 10 {
+		t.Fatalf("found only %d getenv calls: %v; is envReads still finding them?", len(envVars), envVars)
 	}
 
 	for _, doc := range readmes {

@@ -60,10 +60,6 @@ type config struct {
 	relayConfig
 }
 
-// envVars lists every variable ccload reads, for .env handling and docs.
-var envVars = []string{"HOST", "PORT", "SQLITE_PATH", "CCLOAD_PASS", "CCLOAD_AUTH", "REDIS_URL",
-	"CCLOAD_LOG_DAYS", "CCLOAD_FIRST_BYTE_TIMEOUT", "CCLOAD_STREAM_IDLE_TIMEOUT", "CCLOAD_MAX_BODY", "CCLOAD_SHUTDOWN_TIMEOUT", "CCLOAD_LOG_LEVEL"}
-
 func loadConfig(getenv func(string) string) (config, error) {
 	c := config{
 		Host:            getenv("HOST"),
@@ -309,6 +305,8 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		if a.mirror, err = newRedisMirror(cfg.RedisURL, store); err != nil {
 			return fail(err)
 		}
+		// Every committed channel change wakes the mirror's writer.
+		store.onChange = a.mirror.notify
 		// A failure is logged by the mirror, once, and retried by its
 		// writer; start-up goes on with the database.
 		a.mirror.restoreOrSeed(ctx)
@@ -317,7 +315,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	if err != nil {
 		return fail(err)
 	}
-	if err := a.sel.load(chs); err != nil {
+	if _, err := a.sel.load(chs); err != nil {
 		return fail(err)
 	}
 	recs, err := store.LoadCooldowns(ctx)
@@ -334,11 +332,11 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,
 		limiter: newLoginLimiter(time.Now), now: time.Now}
 	if a.mirror != nil {
+		// A restore that happens late (Redis was down at start) reloads
+		// the proxy like any other change.
 		a.admin.mirror = a.mirror
 		a.mirror.onRestore = func() {
-			a.admin.mu.Lock()
-			defer a.admin.mu.Unlock()
-			if err := a.admin.reload(context.Background()); err != nil {
+			if err := a.admin.changeChannels(context.Background(), nil); err != nil {
 				slog.Error("reload after restore", "err", err)
 			}
 		}

@@ -121,9 +121,7 @@ func (e *testEnv) addChannel(c Channel) Channel {
 
 func (e *testEnv) reload() {
 	e.t.Helper()
-	e.app.admin.mu.Lock()
-	defer e.app.admin.mu.Unlock()
-	if err := e.app.admin.reload(context.Background()); err != nil {
+	if err := e.app.admin.changeChannels(context.Background(), nil); err != nil {
 		e.t.Fatalf("reload: %v", err)
 	}
 }

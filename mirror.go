@@ -97,7 +97,6 @@ func newRedisMirror(rawURL string, s *Store) (*redisMirror, error) {
 		retryMin: time.Second, retryMax: 30 * time.Second,
 		progress: make(chan struct{}),
 	}
-	s.onChange = m.notify
 	return m, nil
 }
 
@@ -209,7 +208,17 @@ func (m *redisMirror) restoreOrSeed(ctx context.Context) error {
 		m.failed(err)
 		return err
 	}
-	n, err := m.store.restoreChannels(ctx, doc.Channels)
+	restore := make([]Channel, 0, len(doc.Channels))
+	for _, c := range doc.Channels {
+		nc, nerr := c.normalized()
+		if nerr != nil {
+			err := fmt.Errorf("redis backup %s: channel %d (%q): %w; nothing was restored", mirrorKey, c.ID, c.Name, nerr)
+			m.failed(err)
+			return err
+		}
+		restore = append(restore, nc)
+	}
+	n, err := m.store.restoreChannels(ctx, restore)
 	if err != nil {
 		err = fmt.Errorf("restore from redis: %w", err)
 		m.failed(err)

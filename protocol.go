@@ -187,8 +187,7 @@ func streamErrorEvent(p protocol, responses bool, msg string) []byte {
 // bodyInfo is what the proxy needs from a request body.
 type bodyInfo struct {
 	model      string
-	hasModel   bool
-	modelStart int // byte span of the model's JSON string, quotes included
+	modelStart int // byte span of the model's JSON string, quotes included; 0, 0 when none
 	modelEnd   int
 	stream     bool
 }
@@ -372,7 +371,7 @@ func (s *jsonScan) member(key string, start, end int) {
 	switch key {
 	case "model":
 		s.badModel = false
-		s.info.model, s.info.hasModel = "", false
+		s.info.model, s.info.modelStart, s.info.modelEnd = "", 0, 0
 		switch {
 		case v[0] == '"':
 			raw := v[1 : len(v)-1]
@@ -384,7 +383,7 @@ func (s *jsonScan) member(key string, start, end int) {
 			} else {
 				s.info.model = string(raw)
 			}
-			s.info.hasModel, s.info.modelStart, s.info.modelEnd = true, start, end
+			s.info.modelStart, s.info.modelEnd = start, end
 		case string(v) == "null":
 		default:
 			s.badModel = true

@@ -46,7 +46,7 @@ func TestInspectBody(t *testing.T) {
 			}
 			continue
 		}
-		if err != nil || info.model != tc.model || info.hasModel != tc.has || info.stream != tc.stream {
+		if err != nil || info.model != tc.model || (info.modelEnd > 0) != tc.has || info.stream != tc.stream {
 			t.Errorf("inspectBody(%s) = %+v, %v; want model %q has %v stream %v", tc.body, info, err, tc.model, tc.has, tc.stream)
 		}
 	}
@@ -87,10 +87,10 @@ func FuzzInspectBody(f *testing.F) {
 			}
 			return
 		}
-		if info.model != m || info.hasModel != isString || info.stream != (want["stream"] == true) {
+		if info.model != m || (info.modelEnd > 0) != isString || info.stream != (want["stream"] == true) {
 			t.Fatalf("inspectBody(%s) = %+v; encoding/json says model %v stream %v", body, info, want["model"], want["stream"])
 		}
-		if info.hasModel {
+		if (info.modelEnd > 0) {
 			out := withModel([]byte(body), info, "new-model")
 			var got map[string]any
 			var orig map[string]any

@@ -1024,7 +1024,7 @@ func TestGracefulShutdownLetsStreamsFinish(t *testing.T) {
 	up.set(fakeBehavior{Deltas: 3, BlockDeltas: gate})
 	c := Channel{Name: "a", URL: up.URL, Type: "anthropic", KeyStrategy: keySequential, Enabled: true, APIKeys: []string{"sk-aaaaaaaaaaaa"}}
 	a.store.CreateChannel(context.Background(), &c)
-	a.admin.reload(context.Background())
+	a.admin.changeChannels(context.Background(), nil)
 
 	ctx, stop := context.WithCancel(context.Background())
 	served := make(chan error, 1)

@@ -290,15 +290,16 @@ func newSelector(cool *cooldowns) *selector {
 }
 
 // load swaps in a snapshot of channels. Requests in flight keep the snapshot
-// they started with.
-func (s *selector) load(channels []Channel) error {
-	health := s.cool.sync(channels)
+// they started with. It returns the ids whose cooldowns no longer apply
+// (see cooldowns.sync).
+func (s *selector) load(channels []Channel) (retired []int64, err error) {
+	health, retired := s.cool.sync(channels)
 	snap, err := buildSnapshot(channels, health)
 	if err != nil {
-		return err
+		return retired, err
 	}
 	s.snap.Store(snap)
-	return nil
+	return retired, nil
 }
 
 func (s *selector) current() *snapshot { return s.snap.Load() }

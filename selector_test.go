@@ -189,13 +189,13 @@ func TestSelectorLoadSwapsSnapshot(t *testing.T) {
 		t.Fatal("empty selector has a route")
 	}
 	old := sel.current()
-	if err := sel.load([]Channel{{ID: 1, Name: "a", URL: "https://a", APIKeys: []string{"k"}, Type: "anthropic", Enabled: true}}); err != nil {
+	if _, err := sel.load([]Channel{{ID: 1, Name: "a", URL: "https://a", APIKeys: []string{"k"}, Type: "anthropic", Enabled: true}}); err != nil {
 		t.Fatal(err)
 	}
 	if sel.current() == old || sel.current().route(protoAnthropic, "m") == nil {
 		t.Error("load did not swap in the new channels")
 	}
-	if err := sel.load([]Channel{{ID: 2, Name: "b", URL: "https://b", Type: "bogus", Enabled: true}}); err == nil {
+	if _, err := sel.load([]Channel{{ID: 2, Name: "b", URL: "https://b", Type: "bogus", Enabled: true}}); err == nil {
 		t.Error("bad channel type accepted")
 	}
 }

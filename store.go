@@ -79,6 +79,9 @@ func OpenStore(ctx context.Context, path string) (*Store, error) {
 	return s, nil
 }
 
+// Ping checks that the database answers.
+func (s *Store) Ping(ctx context.Context) error { return s.rdb.PingContext(ctx) }
+
 func (s *Store) Close() error {
 	return errors.Join(s.rdb.Close(), s.db.Close())
 }
@@ -247,9 +250,7 @@ func insertChannel(ctx context.Context, tx *sql.Tx, c *Channel, now int64) error
 	return nil
 }
 
-// UpdateChannel replaces every field of the channel c.ID. When the URL or the
-// keys change, its cooldowns go too: they described an upstream that is no
-// longer the one configured.
+// UpdateChannel replaces every field of the channel c.ID.
 func (s *Store) UpdateChannel(ctx context.Context, c *Channel) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -268,26 +269,16 @@ func (s *Store) UpdateChannel(ctx context.Context, c *Channel) error {
 
 func updateChannel(ctx context.Context, tx *sql.Tx, c *Channel, now int64) error {
 	keys, models, redirects := channelArgs(c)
-	var oldURL, oldKeys string
-	err := tx.QueryRowContext(ctx, `SELECT url, api_keys FROM channels WHERE id = ?`, c.ID).Scan(&oldURL, &oldKeys)
+	var created int64
+	err := tx.QueryRowContext(ctx, `UPDATE channels SET name = ?, url = ?, api_keys = ?, channel_type = ?,
+		priority = ?, models = ?, model_redirects = ?, key_strategy = ?, enabled = ?, updated_at = ?
+		WHERE id = ? RETURNING created_at`,
+		c.Name, c.URL, keys, c.Type, c.Priority, models, redirects, c.KeyStrategy, c.Enabled, now, c.ID).Scan(&created)
 	if errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("channel %d: %w", c.ID, errNotFound)
 	}
 	if err != nil {
-		return err
-	}
-	var created int64
-	err = tx.QueryRowContext(ctx, `UPDATE channels SET name = ?, url = ?, api_keys = ?, channel_type = ?,
-		priority = ?, models = ?, model_redirects = ?, key_strategy = ?, enabled = ?, updated_at = ?
-		WHERE id = ? RETURNING created_at`,
-		c.Name, c.URL, keys, c.Type, c.Priority, models, redirects, c.KeyStrategy, c.Enabled, now, c.ID).Scan(&created)
-	if err != nil {
 		return channelWriteError(c, err)
-	}
-	if oldURL != c.URL || oldKeys != keys {
-		if _, err := tx.ExecContext(ctx, `DELETE FROM cooldowns WHERE channel_id = ?`, c.ID); err != nil {
-			return err
-		}
 	}
 	c.CreatedAt = time.UnixMilli(created).UTC()
 	c.UpdatedAt = time.UnixMilli(now).UTC()
@@ -424,7 +415,7 @@ func (s *Store) DeleteExpiredSessions(ctx context.Context) error {
 
 // restoreChannels inserts channels, keeping their ids, into an empty
 // channels table, in one transaction. It does nothing if the table is no
-// longer empty.
+// longer empty. The caller validates them (see Channel.normalized).
 func (s *Store) restoreChannels(ctx context.Context, chs []Channel) (int, error) {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -440,11 +431,7 @@ func (s *Store) restoreChannels(ctx context.Context, chs []Channel) (int, error)
 	}
 	now := s.now()
 	for i := range chs {
-		c, err := validateStored(chs[i])
-		if err != nil {
-			return 0, fmt.Errorf("channel %d (%q): %w", chs[i].ID, chs[i].Name, err)
-		}
-		if err := insertChannel(ctx, tx, &c, now); err != nil {
+		if err := insertChannel(ctx, tx, &chs[i], now); err != nil {
 			return 0, err
 		}
 	}

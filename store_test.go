@@ -122,9 +122,11 @@ func TestStoreUniqueNames(t *testing.T) {
 	}
 }
 
-// TestStoreCooldownsFollowURLAndKeys: cooldowns describe one upstream; a
-// new URL or new keys make them stale, other edits do not.
-func TestStoreCooldownsFollowURLAndKeys(t *testing.T) {
+// TestStoreCooldownsGoWithTheirChannel: deleting a channel deletes its
+// cooldowns, and none is stored for a channel that no longer exists. (That
+// new URLs or keys make cooldowns stale is cooldowns.sync's rule, tested
+// there and end to end in TestEditsKeepOrClearCooldowns.)
+func TestStoreCooldownsGoWithTheirChannel(t *testing.T) {
 	ctx := context.Background()
 	s := storeAt(t, filepath.Join(t.TempDir(), "c.db"))
 	c := storeChannel("Alpha")
@@ -152,30 +154,8 @@ func TestStoreCooldownsFollowURLAndKeys(t *testing.T) {
 		return len(recs)
 	}
 	cool()
-	steps := []struct {
-		what  string
-		edit  func()
-		clear bool
-	}{
-		{"priority, name, models", func() { c.Priority, c.Name, c.Models = 5, "Alpha 2", []string{"m1"} }, false},
-		{"enabled", func() { c.Enabled = false }, false},
-		{"url", func() { c.URL = "https://elsewhere.example.com" }, true},
-		{"keys", func() { c.APIKeys = []string{"sk-new"} }, true},
-		{"key order", func() { c.APIKeys = []string{"sk-new", "sk-newer"} }, true},
-	}
-	for _, st := range steps {
-		st.edit()
-		if err := s.UpdateChannel(ctx, &c); err != nil {
-			t.Fatal(err)
-		}
-		want := 3
-		if st.clear {
-			want = 0
-		}
-		if n := count(); n != want {
-			t.Errorf("after changing %s: %d cooldowns; want %d", st.what, n, want)
-		}
-		cool()
+	if n := count(); n != 3 {
+		t.Fatalf("%d cooldowns stored; want 3", n)
 	}
 	if err := s.DeleteChannel(ctx, c.ID); err != nil {
 		t.Fatal(err)
@@ -515,6 +495,7 @@ func testMirror(t *testing.T, s *Store, redisURL string) (*redisMirror, *mirrorL
 	if err != nil {
 		t.Fatal(err)
 	}
+	s.onChange = m.notify // as newApp wires it
 	t.Cleanup(m.close)
 	log := &mirrorLog{}
 	m.log = slog.New(slog.NewTextHandler(log, nil))
