@@ -90,7 +90,7 @@ func FuzzInspectBody(f *testing.F) {
 		if info.model != m || (info.modelEnd > 0) != isString || info.stream != (want["stream"] == true) {
 			t.Fatalf("inspectBody(%s) = %+v; encoding/json says model %v stream %v", body, info, want["model"], want["stream"])
 		}
-		if (info.modelEnd > 0) {
+		if info.modelEnd > 0 {
 			out := withModel([]byte(body), info, "new-model")
 			var got map[string]any
 			var orig map[string]any
