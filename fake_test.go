@@ -80,6 +80,9 @@ type fakeBehavior struct {
 	// BlockDeltas, when set, is received from before each delta after the
 	// first: tests pace a stream without sleeping.
 	BlockDeltas chan struct{}
+	// Headers are added to every answer, as real upstreams and the load
+	// balancers in front of them add theirs.
+	Headers http.Header
 }
 
 // Usage the fake reports, fixed so tests can assert what the log holds.
@@ -192,6 +195,9 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	p, responses := fakeProto(r.URL.Path)
+	for k, vs := range b.Headers {
+		w.Header()[k] = vs
+	}
 
 	var req struct {
 		Model  string `json:"model"`
@@ -295,7 +301,9 @@ func writeFakeError(w http.ResponseWriter, p protocol, status int, errType, msg,
 		w.Header().Set("Retry-After", retryAfter)
 	}
 	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Request-Id", "req_fake")
+	if w.Header().Get("Request-Id") == "" {
+		w.Header().Set("Request-Id", "req_fake")
+	}
 	w.WriteHeader(status)
 	w.Write(fakeErrorBody(p, status, errType, msg))
 }

@@ -48,70 +48,63 @@ func parseChannelType(s string) (protocol, error) {
 	return 0, fmt.Errorf("channel_type %q: want anthropic, openai (or codex) or gemini", s)
 }
 
-// Client credential headers, removed before anything goes upstream.
-var credentialHeaders = []string{"Authorization", "X-Api-Key", "X-Goog-Api-Key"}
-
-// errorType names the kind of an error in each protocol's vocabulary.
-func anthropicErrorType(status int) string {
-	switch status {
-	case 400, 422:
-		return "invalid_request_error"
-	case 401:
-		return "authentication_error"
-	case 402:
-		return "billing_error"
-	case 403:
-		return "permission_error"
-	case 404:
-		return "not_found_error"
-	case 413:
-		return "request_too_large"
-	case 429:
-		return "rate_limit_error"
-	case 503, 529:
-		return "overloaded_error"
-	case 504:
-		return "timeout_error"
-	}
-	return "api_error"
+// errorKind is how each protocol names one HTTP status in its error body.
+type errorKind struct {
+	status     int
+	anthropic  string // error.type
+	openAIType string // error.type
+	openAICode string // error.code; "" is null
+	gemini     string // error.status (google.rpc.Code)
 }
 
-func openAIErrorType(status int) string {
-	switch {
-	case status == 401:
-		return "authentication_error"
-	case status == 403:
-		return "permission_error"
-	case status == 404:
-		return "not_found_error"
-	case status == 429:
-		return "rate_limit_error"
-	case status >= 500:
-		return "server_error"
-	}
-	return "invalid_request_error"
+// errorKinds is the one table from a status ccload answers with itself to
+// each protocol's own name for it, so that an official SDK raises its
+// matching exception. Anthropic's follows its API reference (400
+// invalid_request_error … 5xx api_error, 529 overloaded_error); OpenAI's
+// follows what api.openai.com sends (type plus a machine-readable code);
+// Gemini's is google.rpc's. A status not listed takes its class's row
+// (see errorKindFor).
+var errorKinds = []errorKind{
+	{400, "invalid_request_error", "invalid_request_error", "", "INVALID_ARGUMENT"},
+	{401, "authentication_error", "invalid_request_error", "invalid_api_key", "UNAUTHENTICATED"},
+	{402, "billing_error", "insufficient_quota", "insufficient_quota", "FAILED_PRECONDITION"},
+	{403, "permission_error", "invalid_request_error", "permission_denied", "PERMISSION_DENIED"},
+	{404, "not_found_error", "invalid_request_error", "model_not_found", "NOT_FOUND"},
+	{408, "invalid_request_error", "invalid_request_error", "request_timeout", "DEADLINE_EXCEEDED"},
+	{413, "request_too_large", "invalid_request_error", "request_too_large", "INVALID_ARGUMENT"},
+	{422, "invalid_request_error", "invalid_request_error", "", "INVALID_ARGUMENT"},
+	{429, "rate_limit_error", "requests", "rate_limit_exceeded", "RESOURCE_EXHAUSTED"},
+	{500, "api_error", "server_error", "", "INTERNAL"},
+	{502, "api_error", "server_error", "bad_gateway", "UNAVAILABLE"},
+	{503, "api_error", "server_error", "service_unavailable", "UNAVAILABLE"},
+	{504, "api_error", "server_error", "timeout", "DEADLINE_EXCEEDED"},
+	{529, "overloaded_error", "server_error", "server_is_overloaded", "UNAVAILABLE"},
 }
 
-func geminiStatus(status int) string {
-	switch status {
-	case 400, 413, 422:
-		return "INVALID_ARGUMENT"
-	case 401:
-		return "UNAUTHENTICATED"
-	case 403:
-		return "PERMISSION_DENIED"
-	case 404:
-		return "NOT_FOUND"
-	case 429:
-		return "RESOURCE_EXHAUSTED"
-	case 504:
-		return "DEADLINE_EXCEEDED"
+// errorKindFor returns status's row: its own, else 400's for a 4xx and
+// 500's for anything else.
+func errorKindFor(status int) errorKind {
+	for _, k := range errorKinds {
+		if k.status == status {
+			return k
+		}
 	}
-	return "UNAVAILABLE"
+	fallback := 500
+	if status >= 400 && status < 500 {
+		fallback = 400
+	}
+	k := errorKindFor(fallback)
+	k.status = status
+	return k
 }
+
+func anthropicErrorType(status int) string { return errorKindFor(status).anthropic }
+
+func geminiStatus(status int) string { return errorKindFor(status).gemini }
 
 // errorBody is the body of an error response in p's shape.
 func errorBody(p protocol, status int, msg string) []byte {
+	k := errorKindFor(status)
 	var v any
 	switch p {
 	case protoOpenAI:
@@ -121,9 +114,13 @@ func errorBody(p protocol, status int, msg string) []byte {
 			Param   *string `json:"param"`
 			Code    *string `json:"code"`
 		}
+		var code *string
+		if k.openAICode != "" {
+			code = &k.openAICode
+		}
 		v = struct {
 			Error e `json:"error"`
-		}{e{Message: msg, Type: openAIErrorType(status)}}
+		}{e{Message: msg, Type: k.openAIType, Code: code}}
 	case protoGemini:
 		type e struct {
 			Code    int    `json:"code"`
@@ -132,7 +129,7 @@ func errorBody(p protocol, status int, msg string) []byte {
 		}
 		v = struct {
 			Error e `json:"error"`
-		}{e{Code: status, Message: msg, Status: geminiStatus(status)}}
+		}{e{Code: status, Message: msg, Status: k.gemini}}
 	default:
 		type e struct {
 			Type    string `json:"type"`
@@ -141,7 +138,7 @@ func errorBody(p protocol, status int, msg string) []byte {
 		v = struct {
 			Type  string `json:"type"`
 			Error e      `json:"error"`
-		}{"error", e{Type: anthropicErrorType(status), Message: msg}}
+		}{"error", e{Type: k.anthropic, Message: msg}}
 	}
 	b, _ := json.Marshal(v)
 	return b
@@ -159,7 +156,9 @@ func writeError(w http.ResponseWriter, p protocol, status int, msg string) {
 
 // streamErrorEvent is the SSE event that ends a stream which failed after
 // its headers were sent, so the client sees an error and not a silent EOF.
-func streamErrorEvent(p protocol, responses bool, msg string) []byte {
+// rs is the Responses stream's state (nil for any other stream); u the
+// usage seen so far.
+func streamErrorEvent(p protocol, rs *responsesState, msg string, u usage) []byte {
 	var b bytes.Buffer
 	m, _ := json.Marshal(msg)
 	switch {
@@ -167,11 +166,8 @@ func streamErrorEvent(p protocol, responses bool, msg string) []byte {
 		b.WriteString(`event: error` + "\n" + `data: {"type":"error","error":{"type":"api_error","message":`)
 		b.Write(m)
 		b.WriteString("}}\n\n")
-	case p == protoOpenAI && responses:
-		b.WriteString(`event: response.failed` + "\n" +
-			`data: {"type":"response.failed","response":{"object":"response","status":"failed","error":{"code":"server_error","message":`)
-		b.Write(m)
-		b.WriteString("}}}\n\n")
+	case p == protoOpenAI && rs != nil:
+		return rs.failedEvent(msg, u)
 	case p == protoOpenAI:
 		b.WriteString(`data: {"error":{"message":`)
 		b.Write(m)

@@ -265,8 +265,8 @@ func TestErrorShapes(t *testing.T) {
 		if e, ok := parseErrorDoc(b); !ok || e.message != `quote " and newline`+"\n" {
 			t.Errorf("%s error body %s does not read back", p, b)
 		}
-		for _, responses := range []bool{false, true} {
-			ev := streamErrorEvent(p, responses, "cut")
+		for _, rs := range []*responsesState{nil, newResponsesState()} {
+			ev := streamErrorEvent(p, rs, "cut", usage{})
 			_, data := lastEvent(ev)
 			if e, ok := parseErrorDoc(data); !ok || e.message != "cut" || !strings.HasSuffix(string(ev), "\n\n") {
 				t.Errorf("%s stream error event %q does not read back", p, ev)

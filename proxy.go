@@ -156,8 +156,12 @@ func newRelay(cfg relayConfig, sel *selector, cool *cooldowns, logs *logWriter, 
 		Now: time.Now,
 	}
 	rl.proxy = &httputil.ReverseProxy{
-		Rewrite:      rl.rewrite,
-		Transport:    rl,
+		Rewrite:   rl.rewrite,
+		Transport: rl,
+		ModifyResponse: func(res *http.Response) error {
+			hideUpstreamHeaders(res.Header)
+			return nil
+		},
 		ErrorHandler: rl.proxyError,
 		BufferPool:   copyBuffers{},
 		ErrorLog:     slog.NewLogLogger(slog.Default().Handler(), slog.LevelWarn),
@@ -434,6 +438,9 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 	last = nil
 	t := &x.tries[lastTry]
 	x.served, x.status, x.errText = lastTry, t.status, t.entry.ch.Name+": "+t.err
+	if res.Header.Get("Retry-After") == "" && res.Header.Get("Retry-After-Ms") == "" {
+		adviseRetry(res.Header, rl.firstFree(x), rl.Now())
+	}
 	return res, nil
 }
 
@@ -555,8 +562,11 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	}
 	ct := mediaType(res.Header.Get("Content-Type"))
 	if ct == "text/event-stream" {
-		sb := &sseBody{src: res.Body, scan: sseScanner{proto: x.proto}, responses: x.responses,
+		sb := &sseBody{src: res.Body, scan: sseScanner{proto: x.proto},
 			clientGone: func() bool { return ctx.Err() != nil }}
+		if x.responses {
+			sb.scan.rs = newResponsesState()
+		}
 		ue, err := sb.waitFirst()
 		if err != nil {
 			if context.Cause(actx) == errFirstByteTimeout {
@@ -749,67 +759,6 @@ func readSome(r io.Reader, p []byte) (int, error) {
 			return n, err
 		}
 	}
-}
-
-// exhaustedError is the answer when no channel gave one.
-type exhaustedError struct {
-	x    *exchange
-	free int64 // UnixNano when the first channel frees; 0 if none is cooling
-}
-
-func (e *exhaustedError) Error() string {
-	msg := fmt.Sprintf("no channel could serve model %q: tried %d of %d", e.x.model, len(e.x.tries), e.x.plan.total)
-	if e.x.errText != "" {
-		msg += "; last error: " + e.x.errText
-	}
-	if e.free > 0 {
-		msg += "; first channel frees at " + time.Unix(0, e.free).UTC().Format(time.RFC3339)
-	}
-	return msg
-}
-
-func (rl *relay) firstFree(x *exchange) int64 {
-	rt := rl.sel.current().route(x.proto, x.model)
-	if rt == nil {
-		return 0
-	}
-	now := rl.Now().UnixNano()
-	var soonest int64
-	for _, t := range rt.tiers {
-		for _, e := range t.entries {
-			if u := e.health.blockedUntil(x.model, now); u > 0 && (soonest == 0 || u < soonest) {
-				soonest = u
-			}
-		}
-	}
-	return soonest
-}
-
-// proxyError answers when RoundTrip returned no response.
-func (rl *relay) proxyError(w http.ResponseWriter, r *http.Request, err error) {
-	x := exchangeFrom(r.Context())
-	if x == nil {
-		http.Error(w, "proxy error", http.StatusBadGateway)
-		return
-	}
-	if errors.Is(err, errClientGone) || r.Context().Err() != nil {
-		x.status, x.errText = 499, "client disconnected"
-		return
-	}
-	var ex *exhaustedError
-	if errors.As(err, &ex) {
-		x.status = http.StatusServiceUnavailable
-		if ex.free > 0 {
-			secs := int64(time.Unix(0, ex.free).Sub(rl.Now()).Seconds()) + 1
-			w.Header().Set("Retry-After", strconv.FormatInt(max(secs, 1), 10))
-		}
-		msg := ex.Error()
-		x.errText = msg
-		writeError(w, x.proto, http.StatusServiceUnavailable, msg)
-		return
-	}
-	x.status, x.errText = http.StatusBadGateway, err.Error()
-	writeError(w, x.proto, http.StatusBadGateway, err.Error())
 }
 
 // finish writes the log row and the metrics of one request.

@@ -434,7 +434,7 @@ func TestGiveUp503InProtocolShape(t *testing.T) {
 					Error struct{ Type, Message string }
 				}
 				json.Unmarshal(body, &v)
-				if v.Type != "error" || v.Error.Type != "overloaded_error" {
+				if v.Type != "error" || v.Error.Type != "api_error" {
 					t.Errorf("not Anthropic's shape: %s", body)
 				}
 				msg = v.Error.Message
@@ -460,18 +460,19 @@ func TestGiveUp503InProtocolShape(t *testing.T) {
 				}
 				msg = v.Error.Message
 			}
-			for _, part := range []string{`"claude-z"`, "tried 2 of 2", "first channel frees at"} {
+			for _, part := range []string{`"claude-z"`, "2 of 2 channels tried", "the first frees in 30s"} {
 				if !strings.Contains(msg, part) {
 					t.Errorf("message %q lacks %q", msg, part)
 				}
 			}
-			if resp.Header.Get("Retry-After") == "" {
-				t.Errorf("no Retry-After on 503")
+			if h := resp.Header; h.Get("Retry-After") != "" || h.Get("X-Should-Retry") != "false" {
+				t.Errorf("503 headers Retry-After %q x-should-retry %q; want none and false: a retry cannot help for 30 s",
+					h.Get("Retry-After"), h.Get("X-Should-Retry"))
 			}
 			// Now both are cooling: the next request tries the one that
 			// frees first, once, and then gives up again.
 			resp, body = e.post(tc.path, tc.body)
-			if resp.StatusCode != 503 || !strings.Contains(string(body), "tried 1 of 2") {
+			if resp.StatusCode != 503 || !strings.Contains(string(body), "1 of 2 channels tried") {
 				t.Errorf("all cooling: status %d body %s; want 503 after trying 1 of 2", resp.StatusCode, body)
 			}
 			rows := e.logs()

@@ -108,6 +108,7 @@ type sseScanner struct {
 	earlyData  []byte         // its data, to hand to the client as a body
 	lateErr    *upstreamError // an error event after content began
 	usage      usage
+	rs         *responsesState // a Responses stream's identity and progress; nil for others
 
 	name    []byte // current event name (points into the fed bytes)
 	data    []byte // current event data
@@ -188,6 +189,9 @@ func (s *sseScanner) dispatch() {
 		}
 		return
 	}
+	if s.rs != nil {
+		s.rs.observe(data)
+	}
 	s.usage.absorb(data)
 }
 
@@ -243,9 +247,8 @@ type streamEnd struct {
 // reads usage as they pass, and turns an upstream failure into a proper
 // error event so the client never sees a silent EOF.
 type sseBody struct {
-	src       io.ReadCloser
-	scan      sseScanner
-	responses bool
+	src  io.ReadCloser
+	scan sseScanner
 
 	pend  []byte // read from src, not yet returned; pend[:ready] is complete events
 	ready int
@@ -392,7 +395,7 @@ func (b *sseBody) finishRead(err error) {
 		}
 		b.end.incomplete = true
 		b.dropPartial()
-		b.tail = streamErrorEvent(b.scan.proto, b.responses, "upstream closed the stream before it finished")
+		b.tail = streamErrorEvent(b.scan.proto, b.scan.rs, "upstream closed the stream before it finished", b.scan.usage)
 		b.err = io.EOF
 		return
 	}
@@ -408,7 +411,7 @@ func (b *sseBody) finishRead(err error) {
 	}
 	b.end.err = err
 	b.dropPartial()
-	b.tail = streamErrorEvent(b.scan.proto, b.responses, msg)
+	b.tail = streamErrorEvent(b.scan.proto, b.scan.rs, msg, b.scan.usage)
 	b.err = io.EOF
 }
 
