@@ -37,6 +37,13 @@ type logEntry struct {
 	CacheWrite    int64     `json:"cache_write_tokens"`
 	ClientIP      string    `json:"client_ip"`
 	Error         string    `json:"error"`
+	TokenID       int64     `json:"token_id"` // a managed client token; 0 for CCLOAD_AUTH or open mode
+	Session       string    `json:"session"`  // short hash of the conversation's session, "" if none
+	Affinity      string    `json:"affinity"` // "new", "hit", "moved", or "" with affinity off
+	CostUSD       *float64  `json:"cost_usd"` // nil: the model has no price
+	Tries         []tryView `json:"tries"`
+
+	trace string // Tries as stored (see encodeTrace)
 
 	// flushed, when set, marks a flush request rather than a row: the
 	// writer closes it once everything queued before it is written.
@@ -171,7 +178,7 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 	}
 	defer tx.Rollback()
 	stmt := tx.StmtContext(ctx, s.stmts.insertLog)
-	args := make([]any, 0, 19)
+	args := make([]any, 0, 24)
 	groups := map[rollupKey]*rollup{}
 	totals := map[totalKey]int64{}
 	for i := range entries {
@@ -214,8 +221,9 @@ func prepareLogStmts(ctx context.Context, db *sql.DB) (logStmts, error) {
 	}
 	st.insertLog = prep(`INSERT INTO logs (time, token, protocol, model, upstream_model,
 		channel_id, channel_name, key_index, attempts, status, duration_ms, first_byte_ms, stream,
-		input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+		input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error,
+		token_id, session, affinity, cost_usd, tries)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
 	st.readRollup = prep(`SELECT durations FROM log_hourly WHERE hour = ? AND channel_id = ? AND model = ?`)
 	st.writeRollup = prep(`INSERT INTO log_hourly (hour, channel_id, model, channel_name, requests, ok,
 			client_errors, cancelled, server_errors, duration_ms, first_byte_ms, input_tokens, output_tokens,
@@ -239,7 +247,8 @@ func prepareLogStmts(ctx context.Context, db *sql.DB) (logStmts, error) {
 func appendLogArgs(args []any, e *logEntry) []any {
 	return append(args, e.Time.UnixMilli(), e.Token, e.Protocol, e.Model, e.UpstreamModel,
 		e.ChannelID, e.ChannelName, e.KeyIndex, e.Attempts, e.Status, e.DurationMS, e.FirstByteMS, e.Stream,
-		e.InputTokens, e.OutputTokens, e.CacheRead, e.CacheWrite, e.ClientIP, e.Error)
+		e.InputTokens, e.OutputTokens, e.CacheRead, e.CacheWrite, e.ClientIP, e.Error,
+		e.TokenID, e.Session, e.Affinity, e.CostUSD, e.trace)
 }
 
 // hourOf is the start of t's hour, in Unix milliseconds.
@@ -509,7 +518,8 @@ func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, er
 	}
 	rows, err := s.rdb.QueryContext(ctx, `SELECT id, time, token, protocol, model, upstream_model, channel_id,
 		channel_name, key_index, attempts, status, duration_ms, first_byte_ms, stream, input_tokens,
-		output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error
+		output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error,
+		token_id, session, affinity, cost_usd, tries
 		FROM logs `+pageWhere+` ORDER BY id DESC LIMIT ?`, append(pageArgs, limit)...)
 	if err != nil {
 		return nil, 0, fmt.Errorf("query logs: %w", err)
@@ -521,9 +531,11 @@ func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, er
 		var t int64
 		if err := rows.Scan(&e.ID, &t, &e.Token, &e.Protocol, &e.Model, &e.UpstreamModel, &e.ChannelID,
 			&e.ChannelName, &e.KeyIndex, &e.Attempts, &e.Status, &e.DurationMS, &e.FirstByteMS, &e.Stream,
-			&e.InputTokens, &e.OutputTokens, &e.CacheRead, &e.CacheWrite, &e.ClientIP, &e.Error); err != nil {
+			&e.InputTokens, &e.OutputTokens, &e.CacheRead, &e.CacheWrite, &e.ClientIP, &e.Error,
+			&e.TokenID, &e.Session, &e.Affinity, &e.CostUSD, &e.trace); err != nil {
 			return nil, 0, err
 		}
+		e.Tries = decodeTrace(e.trace, &e)
 		e.Time = time.UnixMilli(t).UTC()
 		out = append(out, e)
 	}

@@ -797,6 +797,7 @@ func (rl *relay) finish(x *exchange) {
 		e.ChannelID, e.ChannelName, e.KeyIndex = t.entry.ch.ID, t.entry.ch.Name, t.key
 		e.UpstreamModel = t.entry.upstreamModel(x.model)
 	}
+	e.trace = encodeTrace(x.tries, x.status, dur)
 	rl.metrics.request(&e, dur)
 	rl.logs.add(e)
 }

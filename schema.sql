@@ -108,3 +108,15 @@ CREATE TABLE settings (
 	key   TEXT PRIMARY KEY,
 	value TEXT NOT NULL
 ) WITHOUT ROWID;
+
+-- version 2
+-- Wave 2 of the request log: who asked (a managed client token), which
+-- conversation (a short hash of the session, never the raw id) and whether
+-- it stayed on its channel, what it cost (NULL: the model has no price),
+-- and every try (README "Request log"): '' when the row itself is the only
+-- try, else a compact JSON list (see trace.go).
+ALTER TABLE logs ADD COLUMN token_id INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE logs ADD COLUMN session TEXT NOT NULL DEFAULT '';
+ALTER TABLE logs ADD COLUMN affinity TEXT NOT NULL DEFAULT '';
+ALTER TABLE logs ADD COLUMN cost_usd REAL;
+ALTER TABLE logs ADD COLUMN tries TEXT NOT NULL DEFAULT '';

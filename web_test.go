@@ -914,6 +914,7 @@ func testBrowserLogs(t *testing.T, bctx context.Context) {
 	b.shot("logs-detail")
 	b.do("close the detail with Escape", chromedp.KeyEvent(kb.Escape), chromedp.WaitNotPresent(chromedp.CSS("#log-detail")))
 
+
 	// Enough rows for three pages, some failing, all older than the request.
 	var rows []logEntry
 	base := time.Now().Add(-2 * time.Hour)
@@ -979,6 +980,33 @@ func testBrowserLogs(t *testing.T, bctx context.Context) {
 	b.do("stats window", chromedp.SetValue(chromedp.CSS("#stats-hours"), "1"), chromedp.Evaluate[chromedp.Void](
 		`document.querySelector('#stats-hours').dispatchEvent(new Event('change'))`))
 	b.waitJS("1-hour window", `location.hash === '#/stats?hours=1' && !!document.querySelector('#stats-model-table tr[data-model="claude-logs-model"]') && !document.querySelector('#stats-model-table tr[data-model="claude-bulk"]')`)
+
+	// A request that failed over shows every try, in order, in its detail.
+	bad := newFakeUpstream(t, "bad")
+	bad.set(fakeBehavior{Status: 529})
+	e.addChannel(Channel{Name: "logs-529", URL: bad.URL, Priority: 9, Models: []string{"claude-failover"}})
+	e.addChannel(Channel{Name: "logs-ok", URL: up.URL, Models: []string{"claude-failover"}})
+	if resp, body := e.post("/v1/messages", anthropicBody("claude-failover", false)); resp.StatusCode != 200 {
+		t.Fatalf("failover request: %d %s", resp.StatusCode, body)
+	}
+	foRow := rowSel("logs-table", "model", "claude-failover")
+	e.settle() // the row is written before the page asks for it
+	b.route("#/logs?model=claude-failover", foRow)
+	b.do("open its detail", chromedp.Click(chromedp.CSS(foRow+` [data-action="detail"]`)), chromedp.WaitVisible(chromedp.CSS("#log-tries")))
+	tries := b.text("#log-tries")
+	for _, want := range []string{"Tries (2)", "#1", "logs-529", "529", "cooled the channel", "#2", "logs-ok", "200"} {
+		if !strings.Contains(tries, want) {
+			t.Errorf("timeline lacks %q:\n%s", want, tries)
+		}
+	}
+	if n := eval[int](b, `document.querySelectorAll('#log-tries li.try').length`); n != 2 {
+		t.Errorf("%d tries in the timeline; want 2", n)
+	}
+	if w := eval[string](b, `document.querySelector('#log-tries .try-bar').style.width`); w == "" {
+		t.Error("the first try's bar has no width (blocked by the CSP?)")
+	}
+	b.shot("logs-tries")
+	b.do("close the timeline", chromedp.KeyEvent(kb.Escape), chromedp.WaitNotPresent(chromedp.CSS("#log-detail")))
 }
 
 func testBrowserLanguage(t *testing.T, bctx context.Context) {

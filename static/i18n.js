@@ -190,6 +190,10 @@ export const messages = {
     'logs.detailTitle': 'Request #{id}',
     'logs.sameChannel': 'Logs of this channel',
     'logs.sameModel': 'Logs of this model',
+    'logs.tries': 'Tries ({n})',
+    'logs.cooled.channel': 'cooled the channel',
+    'logs.cooled.key': 'cooled the key',
+    'logs.cooled.model': 'cooled the model',
 
     'stats.window': 'Period',
     'stats.hour': 'Last hour',
@@ -398,6 +402,10 @@ export const messages = {
     'logs.detailTitle': '请求 #{id}',
     'logs.sameChannel': '此渠道的日志',
     'logs.sameModel': '此模型的日志',
+    'logs.tries': '尝试记录（{n}）',
+    'logs.cooled.channel': '已冷却渠道',
+    'logs.cooled.key': '已冷却密钥',
+    'logs.cooled.model': '已冷却模型',
 
     'stats.window': '时间范围',
     'stats.hour': '最近 1 小时',

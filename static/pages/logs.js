@@ -89,6 +89,30 @@ export function render(root, ctx) {
   let nextBefore = null;
   let lastKey = '';
 
+  // tries is the request's timeline: every try in order, each a bar as long
+  // as its share of the request's time, with what its failure cooled.
+  function tries(r) {
+    const list = r.tries || [];
+    if (!list.length) return null;
+    const total = Math.max(1, list.reduce((n, x) => n + (x.duration_ms || 0), 0));
+    return h('section', { class: 'tries', id: 'log-tries' },
+      h('h3', {}, t('logs.tries', { n: list.length })),
+      h('ol', {}, list.map((x, i) => {
+        // Set through the CSSOM: the page's CSP allows no style attribute.
+        const bar = h('div', { class: 'try-bar' });
+        bar.style.width = `${Math.max(2, Math.round(100 * (x.duration_ms || 0) / total))}%`;
+        return h('li', { class: `try ${x.error ? 'failed' : ''}` },
+          h('div', { class: 'try-head' },
+            h('span', { class: 'try-n' }, `#${i + 1}`),
+            h('span', {}, `${x.channel_name} (#${x.channel_id}) · ${t('logs.key')} #${x.key_index + 1}`),
+            h('span', { class: `badge ${statusClass(x.status)}` }, String(x.status)),
+            h('span', { class: 'muted' }, fmtMs(x.duration_ms)),
+            x.cooled ? h('span', { class: 'try-cooled' }, t(`logs.cooled.${x.cooled}`)) : null),
+          bar,
+          x.error ? h('div', { class: 'reason pre' }, x.error) : null);
+      })));
+  }
+
   function detail(r) {
     const rows = [
       [t('logs.id'), String(r.id)],
@@ -113,7 +137,10 @@ export function render(root, ctx) {
     ];
     const dlg = openDialog({
       id: 'log-detail', title: t('logs.detailTitle', { id: r.id }),
-      body: h('dl', { class: 'details' }, rows.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
+      body: [
+        h('dl', { class: 'details' }, rows.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
+        tries(r),
+      ],
       footer: [
         r.channel_id ? h('a', { class: 'btn', href: `#/logs?channel_id=${r.channel_id}` }, t('logs.sameChannel')) : null,
         h('a', { class: 'btn', href: `#/logs?model=${encodeURIComponent(r.model)}` }, t('logs.sameModel')),
