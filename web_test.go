@@ -914,7 +914,6 @@ func testBrowserLogs(t *testing.T, bctx context.Context) {
 	b.shot("logs-detail")
 	b.do("close the detail with Escape", chromedp.KeyEvent(kb.Escape), chromedp.WaitNotPresent(chromedp.CSS("#log-detail")))
 
-
 	// Enough rows for three pages, some failing, all older than the request.
 	var rows []logEntry
 	base := time.Now().Add(-2 * time.Hour)
