@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // fakeUpstream is a faithful stand-in for the Anthropic, OpenAI (chat and
@@ -83,6 +84,13 @@ type fakeBehavior struct {
 	// Headers are added to every answer, as real upstreams and the load
 	// balancers in front of them add theirs.
 	Headers http.Header
+
+	// ToolName, for Anthropic, answers a tool_use block calling this tool
+	// with ToolInput (a JSON object, streamed in Deltas pieces) instead of
+	// text, and stop_reason "tool_use": a real client then runs the tool
+	// and sends its result in the next request.
+	ToolName  string
+	ToolInput string
 }
 
 // Usage the fake reports, fixed so tests can assert what the log holds.
@@ -181,6 +189,7 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	behave, release := f.behave, f.release
 	f.mu.Unlock()
+	r.Body = io.NopCloser(bytes.NewReader(body)) // a script may read it
 	var b fakeBehavior
 	if behave != nil {
 		b = behave(n, r)
@@ -327,7 +336,7 @@ func (b fakeBehavior) deltas() int {
 var fakeCache sync.Map // string -> []byte or *fakeStream
 
 func fakeKey(kind string, p protocol, responses bool, model string, b fakeBehavior) string {
-	return fmt.Sprint(kind, p, responses, model, b.text(), b.deltas())
+	return fmt.Sprint(kind, p, responses, model, b.text(), b.deltas(), b.ToolName, b.ToolInput)
 }
 
 func (f *fakeUpstream) writeJSON(w http.ResponseWriter, p protocol, responses bool, model string, b fakeBehavior) {
@@ -347,9 +356,14 @@ func renderJSON(p protocol, responses bool, model string, b fakeBehavior) []byte
 	var v any
 	switch {
 	case p == protoAnthropic:
+		content, stop := []any{map[string]any{"type": "text", "text": text}}, "end_turn"
+		if b.ToolName != "" {
+			content, stop = []any{map[string]any{"type": "tool_use", "id": "toolu_fake", "name": b.ToolName,
+				"input": json.RawMessage(b.ToolInput)}}, "tool_use"
+		}
 		v = map[string]any{"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
-			"content":     []any{map[string]any{"type": "text", "text": text}},
-			"stop_reason": "end_turn", "stop_sequence": nil,
+			"content":     content,
+			"stop_reason": stop, "stop_sequence": nil,
 			"usage": map[string]any{"input_tokens": fakeInputTokens, "output_tokens": fakeOutputTokens,
 				"cache_creation_input_tokens": fakeCacheWrite, "cache_read_input_tokens": fakeCacheRead}}
 	case p == protoOpenAI && responses:
@@ -395,11 +409,28 @@ func sseEvent(name string, data any) []byte {
 
 // fakeStream is one rendered stream: what comes before the content starts
 // (head, where a failing upstream errs or stalls), the start of content
-// (mid), one delta repeated, and the end.
+// (mid), one delta repeated (or, where each differs, deltas), and the end.
 type fakeStream struct {
 	head, mid [][]byte
 	delta     []byte
+	deltas    [][]byte
 	tail      [][]byte
+}
+
+// splitJSON cuts s into n pieces on rune boundaries, as an API streams
+// partial JSON.
+func splitJSON(s string, n int) []string {
+	out := make([]string, 0, n)
+	start := 0
+	for i := 1; i < n; i++ {
+		end := max(start, len(s)*i/n)
+		for end < len(s) && !utf8.RuneStart(s[end]) {
+			end++
+		}
+		out = append(out, s[start:end])
+		start = end
+	}
+	return append(out, s[start:])
 }
 
 func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fakeStream {
@@ -413,38 +444,67 @@ func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fak
 			"stop_reason": nil, "stop_sequence": nil,
 			"usage": map[string]any{"input_tokens": fakeInputTokens, "cache_creation_input_tokens": fakeCacheWrite,
 				"cache_read_input_tokens": fakeCacheRead, "output_tokens": 1}}}))
+		block, stop := map[string]any{"type": "text", "text": ""}, "end_turn"
+		if b.ToolName != "" {
+			block, stop = map[string]any{"type": "tool_use", "id": "toolu_fake", "name": b.ToolName, "input": map[string]any{}}, "tool_use"
+			for _, part := range splitJSON(b.ToolInput, n) {
+				fs.deltas = append(fs.deltas, sseEvent("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,
+					"delta": map[string]any{"type": "input_json_delta", "partial_json": part}}))
+			}
+		}
 		fs.mid = append(fs.mid,
 			sseEvent("content_block_start", map[string]any{"type": "content_block_start", "index": 0,
-				"content_block": map[string]any{"type": "text", "text": ""}}),
+				"content_block": block}),
 			sseEvent("ping", map[string]any{"type": "ping"}))
 		fs.delta = sseEvent("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,
 			"delta": map[string]any{"type": "text_delta", "text": text}})
 		fs.tail = append(fs.tail,
 			sseEvent("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0}),
 			sseEvent("message_delta", map[string]any{"type": "message_delta",
-				"delta": map[string]any{"stop_reason": "end_turn", "stop_sequence": nil},
+				"delta": map[string]any{"stop_reason": stop, "stop_sequence": nil},
 				"usage": map[string]any{"output_tokens": fakeOutputTokens}}),
 			sseEvent("message_stop", map[string]any{"type": "message_stop"}))
 	case p == protoOpenAI && responses:
-		fs.head = append(fs.head,
-			sseEvent("response.created", map[string]any{"type": "response.created", "sequence_number": 0,
-				"response": map[string]any{"id": "resp_fake", "object": "response", "status": "in_progress", "model": model, "output": []any{}}}),
-			sseEvent("response.in_progress", map[string]any{"type": "response.in_progress", "sequence_number": 1,
-				"response": map[string]any{"id": "resp_fake", "object": "response", "status": "in_progress", "model": model}}))
-		fs.mid = append(fs.mid, sseEvent("response.output_item.added", map[string]any{"type": "response.output_item.added", "output_index": 0,
-			"item": map[string]any{"id": "msg_fake", "type": "message", "status": "in_progress", "role": "assistant", "content": []any{}}}))
-		fs.delta = sseEvent("response.output_text.delta", map[string]any{"type": "response.output_text.delta",
-			"item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": text})
+		// The event sequence of the real API, which Codex follows closely:
+		// every event numbered, the text given whole again at the end of
+		// its part and item (Codex takes the answer from output_item.done),
+		// and usage in response.completed.
+		seq := 0
+		ev := func(typ string, fields map[string]any) []byte {
+			fields["type"], fields["sequence_number"] = typ, seq
+			seq++
+			return sseEvent(typ, fields)
+		}
+		resp := func(status string, output []any, usage any) map[string]any {
+			return map[string]any{"id": "resp_fake", "object": "response", "created_at": 1700000000, "status": status,
+				"error": nil, "incomplete_details": nil, "model": model, "output": output, "usage": usage}
+		}
+		// at places an event in the one message's one text part.
+		at := func(fields map[string]any) map[string]any {
+			fields["item_id"], fields["output_index"], fields["content_index"] = "msg_fake", 0, 0
+			return fields
+		}
 		full := strings.Repeat(text, n)
+		part := map[string]any{"type": "output_text", "text": full, "annotations": []any{}}
+		item := map[string]any{"id": "msg_fake", "type": "message", "status": "completed", "role": "assistant", "content": []any{part}}
+		fs.head = append(fs.head,
+			ev("response.created", map[string]any{"response": resp("in_progress", []any{}, nil)}),
+			ev("response.in_progress", map[string]any{"response": resp("in_progress", []any{}, nil)}))
+		fs.mid = append(fs.mid,
+			ev("response.output_item.added", map[string]any{"output_index": 0,
+				"item": map[string]any{"id": "msg_fake", "type": "message", "status": "in_progress", "role": "assistant", "content": []any{}}}),
+			ev("response.content_part.added", at(map[string]any{"part": map[string]any{"type": "output_text", "text": "", "annotations": []any{}}})))
+		for range n {
+			fs.deltas = append(fs.deltas, ev("response.output_text.delta", at(map[string]any{"delta": text, "logprobs": []any{}})))
+		}
 		fs.tail = append(fs.tail,
-			sseEvent("response.output_text.done", map[string]any{"type": "response.output_text.done", "item_id": "msg_fake",
-				"output_index": 0, "content_index": 0, "text": full}),
-			sseEvent("response.completed", map[string]any{"type": "response.completed", "response": map[string]any{
-				"id": "resp_fake", "object": "response", "status": "completed", "model": model,
-				"output": []any{map[string]any{"type": "message", "role": "assistant",
-					"content": []any{map[string]any{"type": "output_text", "text": full}}}},
-				"usage": map[string]any{"input_tokens": fakeInputTokens + fakeCacheRead, "output_tokens": fakeOutputTokens,
-					"input_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}, "total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens}}}))
+			ev("response.output_text.done", at(map[string]any{"text": full, "logprobs": []any{}})),
+			ev("response.content_part.done", at(map[string]any{"part": part})),
+			ev("response.output_item.done", map[string]any{"output_index": 0, "item": item}),
+			ev("response.completed", map[string]any{"response": resp("completed", []any{item}, map[string]any{
+				"input_tokens": fakeInputTokens + fakeCacheRead, "input_tokens_details": map[string]any{"cached_tokens": fakeCacheRead},
+				"output_tokens": fakeOutputTokens, "output_tokens_details": map[string]any{"reasoning_tokens": 0},
+				"total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens})}))
 	case p == protoOpenAI:
 		chunk := func(delta map[string]any, finish any) []byte {
 			return sseEvent("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
@@ -547,6 +607,10 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 			// Half an event, then the connection drops.
 			send([]byte("event: content_block_delta\ndata: {\"type\":\"content_blo"))
 			panic(http.ErrAbortHandler)
+		}
+		if fs.deltas != nil {
+			send(fs.deltas[i])
+			continue
 		}
 		send(fs.delta)
 	}
