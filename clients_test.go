@@ -247,6 +247,16 @@ func (r *relayProc) logs(n int) []clientLogRow {
 			if len(page.Logs) < n {
 				r.t.Fatalf("request log has %d rows after 10s; want %d: %+v", len(page.Logs), n, page.Logs)
 			}
+			// No client here hangs up before its answer is complete, but
+			// Codex closes the stream as soon as response.completed is in,
+			// and when that beats the upstream's EOF, ccload logs the whole
+			// answer as a 499. Seen now and then under load.
+			for _, row := range page.Logs {
+				if row.Status == 499 {
+					r.t.Logf("log row %+v", row)
+					pending(r.t, "a stream whose terminal event reached the client is logged 499 when the client hangs up before the upstream's EOF")
+				}
+			}
 			return page.Logs
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -759,6 +769,24 @@ func testCodex(t *testing.T, kit clientKit) {
 		if row.Status != 200 || row.Attempts != 2 || row.ChannelName != "good" {
 			t.Errorf("log row %+v; want 200 from good after 2 attempts", row)
 		}
+	})
+
+	t.Run("upstream ends its body late", func(t *testing.T) {
+		t.Parallel()
+		r := startRelay(t, kit)
+		up := newFakeUpstream(t, "main")
+		up.set(fakeBehavior{Text: text, HoldEnd: true})
+		r.channel("main", up.URL, "openai", 0)
+		res := kit.codex(t, r, newClientHome(t), "say hello")
+		// Codex is done at response.completed and hangs up.
+		if res.code != 0 || strings.TrimSpace(res.stdout) != strings.TrimSpace(want) {
+			t.Fatalf("want exit 0 and %q:\n%s", want, res)
+		}
+		row := r.logs(1)[0] // pending while ccload logs this 499
+		if row.Status != 200 {
+			t.Errorf("log row %+v; want 200: the whole answer reached the client", row)
+		}
+		wantUsage(t, row, 0)
 	})
 
 	t.Run("cut mid-stream", func(t *testing.T) {

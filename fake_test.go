@@ -91,6 +91,11 @@ type fakeBehavior struct {
 	// and sends its result in the next request.
 	ToolName  string
 	ToolInput string
+
+	// HoldEnd, for a stream, keeps the connection open after the last
+	// event (until the client gives up or release): an upstream whose end
+	// of body lags behind its terminal event.
+	HoldEnd bool
 }
 
 // Usage the fake reports, fixed so tests can assert what the log holds.
@@ -616,5 +621,11 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 	}
 	for _, ev := range fs.tail {
 		send(ev)
+	}
+	if b.HoldEnd {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
 	}
 }
