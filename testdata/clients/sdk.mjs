@@ -89,6 +89,8 @@ try {
       status: e.status,
       type: e.error?.error?.type ?? e.error?.type ?? e.type,
       message: e.message,
+      // The message of the API's error body (Anthropic nests it).
+      api_message: e.error?.error?.message ?? e.error?.message,
     },
   };
 }
