@@ -1440,3 +1440,48 @@ func TestCountTokens200Carrying404CoolsNothing(t *testing.T) {
 		t.Errorf("cooled something: %+v", st)
 	}
 }
+
+// A client that hangs up once the terminal event reached it (Codex does, at
+// response.completed) got the whole answer: the row says 200, with usage,
+// and nothing cools, even though the upstream had not ended its body yet.
+func TestHangUpAfterTheEndIsNotA499(t *testing.T) {
+	for _, tc := range []struct{ path, body, end string }{
+		{"/v1/messages", anthropicBody("m", true), "message_stop"},
+		{"/v1/responses", `{"model":"m","stream":true,"input":"hi"}`, "response.completed"},
+	} {
+		t.Run(tc.end, func(t *testing.T) {
+			e := newTestEnv(t)
+			up := newFakeUpstream(t, "a")
+			up.set(fakeBehavior{HoldEnd: true})
+			typ := "anthropic"
+			if strings.HasPrefix(tc.path, "/v1/responses") {
+				typ = "openai"
+			}
+			ch := e.addChannel(Channel{Name: "a", URL: up.URL, Type: typ})
+			req, _ := http.NewRequest("POST", e.URL+tc.path, strings.NewReader(tc.body))
+			req.Header.Set("Content-Type", "application/json")
+			resp, err := e.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			br := bufio.NewReader(resp.Body)
+			for {
+				line, err := br.ReadString('\n')
+				if err != nil {
+					t.Fatalf("stream ended before %s: %v", tc.end, err)
+				}
+				if strings.Contains(line, tc.end) && strings.HasPrefix(line, "data:") {
+					break
+				}
+			}
+			resp.Body.Close() // hang up, as Codex does
+			row := e.lastLog()
+			if row.Status != 200 || row.OutputTokens == 0 || row.Error != "" {
+				t.Errorf("row status %d output %d error %q; want 200 with usage", row.Status, row.OutputTokens, row.Error)
+			}
+			if st := e.health(ch.ID); st.CooldownUntil != nil {
+				t.Errorf("the channel cooled: %+v", st)
+			}
+		})
+	}
+}

@@ -399,6 +399,14 @@ func (b *sseBody) finishRead(err error) {
 		b.err = io.EOF
 		return
 	}
+	if b.scan.done {
+		// The terminal event has been relayed: the client has the whole
+		// answer, whoever hangs up now (Codex closes its connection as
+		// soon as it reads response.completed). Not a failure, not a 499.
+		b.dropPartial()
+		b.err = io.EOF
+		return
+	}
 	if b.clientGone != nil && b.clientGone() {
 		b.end.err, b.err = err, err
 		return
