@@ -57,7 +57,8 @@ func TestInspectBody(t *testing.T) {
 func FuzzInspectBody(f *testing.F) {
 	for _, s := range []string{`{"model":"a","stream":true}`, `{"a":1e+5,"b":-0.5,"c":[true,false,null]}`, `{"a":01}`,
 		`{"a":"\u00e9\ud83d"}`, `{"a":"tab	in string"}`, `[1,]`, `{"a" 1}`, "\"\xff\"", `{"x":-}`, `{"x":{"model":"b"},"model":"c\"d"}`, `{"stream":1}`,
-		`{"a":[1,{"b":"}"}],"model":"m\\"}`, `{"model":"\ud83d\ude00"}`} {
+		`{"a":[1,{"b":"}"}],"model":"m\\"}`, `{"model":"\ud83d\ude00"}`,
+		`{"model": "claude-x", "stream": true, "messages": [{"role": "user", "content": "hi"}]}`, "{\r\n\t\"model\" :\n\"m\" }"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, body string) {
@@ -211,6 +212,25 @@ func TestClassifyEvent(t *testing.T) {
 		{protoOpenAI, "error", `{}`, evError},
 		{protoGemini, "", `{"candidates":[]}`, evContent},
 		{protoGemini, "", `{"error":{"code":503}}`, evError},
+		// As upstreams on Python frameworks write them: json.dumps puts a
+		// space after every ',' and ':', and some leave out event: lines.
+		{protoAnthropic, "", `{"type": "message_start", "message": {"usage": {"input_tokens": 5}}}`, evPreamble},
+		{protoAnthropic, "", `{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a"}}`, evContent},
+		{protoAnthropic, "", `{"type": "message_delta", "usage": {"output_tokens": 9}}`, evContent},
+		{protoAnthropic, "", `{"type": "message_stop"}`, evEnd},
+		{protoAnthropic, "", " {\r\n\t\"type\" :\n \"message_stop\" }", evEnd},
+		{protoAnthropic, "", `{"type": "error", "error": {"type": "overloaded_error"}}`, evError},
+		{protoOpenAI, "", `{"choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}`, evPreamble},
+		{protoOpenAI, "", `{"choices": [{"delta": {"role" : "assistant", "content" : null}}]}`, evPreamble},
+		{protoOpenAI, "", `{"choices": [{"delta": {"role": "assistant", "content": "hi"}}]}`, evContent},
+		{protoOpenAI, "", `{"choices": [{"delta": {"content": "hi"}, "finish_reason": null}]}`, evContent},
+		{protoOpenAI, "", `{"choices": [{"delta": {}, "finish_reason": "stop"}]}`, evEnd},
+		{protoOpenAI, "", "{\"choices\":[{\"finish_reason\"\n:\t\"length\"}]}", evEnd},
+		{protoOpenAI, "", `{"type": "response.created", "response": {}}`, evPreamble},
+		{protoOpenAI, "", `{"type": "response.output_text.delta", "delta": "a"}`, evContent},
+		{protoOpenAI, "", `{"type": "response.completed", "response": {}}`, evEnd},
+		// A text that merely mentions the members is content.
+		{protoOpenAI, "", `{"choices": [{"delta": {"content": "\"finish_reason\": \"stop\""}}]}`, evContent},
 	}
 	for _, tc := range cases {
 		if got := classifyEvent(tc.p, []byte(tc.name), []byte(tc.data)); got != tc.want {
@@ -313,6 +333,11 @@ func FuzzUsageAbsorb(f *testing.F) {
 		`{"response":{"usage":{"input_tokens":50,"input_tokens_details":{"cached_tokens":40}}}}`,
 		`{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":6}}`,
 		`{"usage":{"input_tokens":`, `{"usage":"x","usage":{"output_tokens":-5}}`, `{"usage" {`,
+		// Spaced, as json.dumps writes it, and spread over lines.
+		`{"type": "message_delta", "usage": {"output_tokens": 25, "input_tokens": 0}}`,
+		`{"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 20}}}`,
+		"{\n\t\"response\" : {\r\n\"usage\" :{ \"input_tokens\" : 50 , \"input_tokens_details\" : { \"cached_tokens\" : 40 } } } }",
+		`{"candidates": [], "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 6, "thoughtsTokenCount": 2}}`,
 	} {
 		f.Add([]byte(s))
 	}
