@@ -325,7 +325,8 @@ func TestMaskKey(t *testing.T) {
 
 // FuzzUsageAbsorb feeds upstream-shaped bytes to the usage scanner, which
 // reads untrusted data: it must never panic or hang, and never count
-// negative tokens.
+// negative tokens; and on valid JSON it must count what refAbsorb, the
+// same rules read with encoding/json, counts.
 func FuzzUsageAbsorb(f *testing.F) {
 	for _, s := range []string{
 		`{"type":"message_start","message":{"usage":{"input_tokens":10,"cache_read_input_tokens":4}}}`,
@@ -338,15 +339,31 @@ func FuzzUsageAbsorb(f *testing.F) {
 		`{"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 20}}}`,
 		"{\n\t\"response\" : {\r\n\"usage\" :{ \"input_tokens\" : 50 , \"input_tokens_details\" : { \"cached_tokens\" : 40 } } } }",
 		`{"candidates": [], "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 6, "thoughtsTokenCount": 2}}`,
+		// The edges of refAbsorb's rules.
+		`{"us\u0061ge":{"input_tokens":7},"usage":null,"message":"x","usageMetadata":[]}`,
+		`{"usage":{"input_tokens":5,"input_tokens":"5","output_tokens":1.0,"cache_read_input_tokens":1234567890123456789}}`,
+		`{"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":5},"prompt_tokens_details":null}}`,
+		`{"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4},"prompt_tokens_details":{"cached_tokens":2}}}`,
+		`{"message":{"usage":{"input_tokens":3},"usage":{"output_tokens":4}},"usage":{"input_tokens":6},"message":{"usage":{"input_tokens":8}}}`,
+		`{"usageMetadata":{"promptTokenCount":3,"cachedContentTokenCount":5},"usageMetadata":{"candidatesTokenCount":2}}`,
 	} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		var u usage
+		// Counts from an earlier event, so a document that reports
+		// nothing, or no figure for a column, shows it leaves them.
+		before := usage{Input: 1, Output: 2, CacheRead: 3, CacheWrite: 4}
+		u := before
 		u.absorb(data)
 		_ = usageFromTail(data)
 		if u.Input < 0 || u.Output < 0 || u.CacheRead < 0 || u.CacheWrite < 0 {
 			t.Fatalf("negative counts %+v from %q", u, data)
+		}
+		if !json.Valid(data) {
+			return
+		}
+		if want := refAbsorb(before, data); u != want {
+			t.Fatalf("absorb(%s) = %+v; encoding/json reads %+v", data, u, want)
 		}
 	})
 }
