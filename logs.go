@@ -637,28 +637,44 @@ func (s *Store) deleteLogHour(ctx context.Context, h int64) (int64, error) {
 	return n, tx.Commit()
 }
 
-// retentionLoop deletes log rows older than days, hourly, until ctx ends.
-func retentionLoop(ctx context.Context, s *Store, days int) {
-	tick := time.NewTicker(time.Hour)
-	defer tick.Stop()
+// retentionLoop deletes log rows older than days, and expired sessions:
+// with tick nil at once and then hourly, until ctx ends. A test passes its
+// own tick instead, and the loop makes a pass only when a time arrives on
+// it, with days counted back from that time; it returns when tick closes.
+// Without that, a pass at start would race a test that writes old rows.
+func retentionLoop(ctx context.Context, s *Store, days int, tick <-chan time.Time) {
+	if tick == nil {
+		t := time.NewTicker(time.Hour)
+		defer t.Stop()
+		tick = t.C
+		retainLogs(ctx, s, days, s.Now())
+	}
 	for {
-		cutoff := s.Now().AddDate(0, 0, -days)
-		if n, err := s.DeleteLogsBefore(ctx, cutoff); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			slog.Error("log retention", "err", err)
-		} else if n > 0 {
-			slog.Info("log retention", "deleted", n, "older_than", cutoff.Format(time.RFC3339))
-		}
-		if err := s.DeleteExpiredSessions(ctx); err != nil && ctx.Err() == nil {
-			slog.Error("session cleanup", "err", err)
-		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case now, ok := <-tick:
+			if !ok {
+				return
+			}
+			retainLogs(ctx, s, days, now)
 		}
+	}
+}
+
+// retainLogs is one pass of retentionLoop.
+func retainLogs(ctx context.Context, s *Store, days int, now time.Time) {
+	cutoff := now.AddDate(0, 0, -days)
+	if n, err := s.DeleteLogsBefore(ctx, cutoff); err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		slog.Error("log retention", "err", err)
+	} else if n > 0 {
+		slog.Info("log retention", "deleted", n, "older_than", cutoff.Format(time.RFC3339))
+	}
+	if err := s.DeleteExpiredSessions(ctx); err != nil && ctx.Err() == nil {
+		slog.Error("session cleanup", "err", err)
 	}
 }
 

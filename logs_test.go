@@ -68,7 +68,7 @@ func BenchmarkAdminQueries(b *testing.B) {
 		span time.Duration
 	}{{"year", 365 * 24 * time.Hour}, {"day", 24 * time.Hour}} {
 		b.Run(dist.name, func(b *testing.B) {
-			e := newTestEnv(b)
+			e := newTestEnv(b, noRetention) // a year of rows, kept 7 days
 			start := time.Now()
 			fillLogs(b, e.app.store, rows, dist.span, time.Now())
 			b.Logf("filled %d rows over %s in %s", rows, dist.span, time.Since(start).Round(time.Millisecond))
@@ -103,8 +103,13 @@ func BenchmarkAdminQueries(b *testing.B) {
 	}
 }
 
+// noRetention starts ccload without its retention loop, for tests that
+// write rows older than the test config's 7 days: the loop's pass at start
+// would race them, deleting some of the rows as they are written.
+func noRetention(c *config) { c.LogDays = 0 }
+
 func TestRetentionDeletesOldRows(t *testing.T) {
-	e := newTestEnv(t)
+	e := newTestEnv(t, noRetention)
 	ctx := context.Background()
 	now := time.Now().Truncate(time.Hour).Add(30 * time.Minute)
 	fillLogs(t, e.app.store, 1000, 10*24*time.Hour, now)
@@ -154,6 +159,38 @@ func TestRetentionDeletesOldRows(t *testing.T) {
 		if l.Time.UnixMilli() < cutHour {
 			t.Fatalf("row from %s survived", l.Time)
 		}
+	}
+}
+
+// TestRetentionLoopPassesOnItsTick drives retentionLoop with a test's tick:
+// no pass of its own at start, one per time sent, days counted back from
+// that time, and an end when the tick closes.
+func TestRetentionLoopPassesOnItsTick(t *testing.T) {
+	e := newTestEnv(t, noRetention)
+	s := e.app.store
+	now := time.Date(2026, 3, 1, 12, 30, 0, 0, time.UTC)
+	fillLogs(t, s, 1000, 10*24*time.Hour, now)
+	count := func() (n int) {
+		s.rdb.QueryRow(`SELECT count(*) FROM logs`).Scan(&n)
+		return n
+	}
+	var keep int
+	s.rdb.QueryRow(`SELECT count(*) FROM logs WHERE time >= ?`, hourOf(now.AddDate(0, 0, -7))).Scan(&keep)
+
+	tick := make(chan time.Time)
+	done := make(chan struct{})
+	go func() { retentionLoop(context.Background(), s, 7, tick); close(done) }()
+	// Three days after the oldest row: nothing is older than 7 days yet. A
+	// pass at start, by the real clock, would have deleted every row.
+	tick <- now.AddDate(0, 0, -7)
+	tick <- now // received only once the pass before it is done
+	if n := count(); n != 1000 {
+		t.Errorf("%d rows after a pass 7 days before the rows' end; want all 1000", n)
+	}
+	close(tick) // the loop ends once the pass at now is done
+	<-done
+	if n := count(); n != keep || keep < 700 || keep > 710 {
+		t.Errorf("%d rows after a pass at %s; want the %d of the last 7 days", n, now, keep)
 	}
 }
 
