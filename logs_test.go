@@ -329,3 +329,38 @@ func BenchmarkInsertLogs(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(batch))/1000, "µs/row")
 }
+
+// TestLogFilterWhere pins which conditions each table gets: a table is
+// asked only about columns it has, and the rows get every filter.
+func TestLogFilterWhere(t *testing.T) {
+	since := time.UnixMilli(7_200_000)
+	until := time.UnixMilli(10_800_000)
+	f := logFilter{ChannelID: 3, Model: "m", Status: 529, Since: since, Until: until, BeforeID: 9, Limit: 5}
+	for _, tc := range []struct {
+		table logTable
+		where string
+		args  []any
+	}{
+		{logRows, "WHERE 1=1 AND channel_id = ? AND model = ? AND status = ? AND time >= ? AND time < ?",
+			[]any{int64(3), "m", 529, int64(7_200_000), int64(10_800_000)}},
+		{logTotals, "WHERE 1=1 AND channel_id = ? AND model = ? AND status = ?", []any{int64(3), "m", 529}},
+		{logHours, "WHERE 1=1 AND channel_id = ? AND model = ? AND hour >= ? AND hour < ?",
+			[]any{int64(3), "m", int64(7_200_000), int64(10_800_000)}},
+	} {
+		where, args := f.where(tc.table)
+		if where != tc.where || fmt.Sprint(args) != fmt.Sprint(tc.args) {
+			t.Errorf("%s: %q %v; want %q %v", tc.table.name(), where, args, tc.where, tc.args)
+		}
+	}
+	for class, want := range map[int]string{
+		-1: "WHERE 1=1 AND (status < 200 OR status >= 300)",
+		4:  "WHERE 1=1 AND status >= ? AND status < ?",
+	} {
+		if where, _ := (logFilter{StatusClass: class}).where(logTotals); where != want {
+			t.Errorf("class %d: %q; want %q", class, where, want)
+		}
+		if where, _ := (logFilter{StatusClass: class}).where(logHours); where != "WHERE 1=1" {
+			t.Errorf("class %d on log_hourly: %q; the class is the column summed, not a condition", class, where)
+		}
+	}
+}
