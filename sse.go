@@ -86,11 +86,11 @@ func roleOnlyChunk(data []byte) bool {
 
 // hasMember reports whether data holds a member named key (given with its
 // quotes) whose value, wherever it is nested, satisfies is; is gets the
-// bytes from the value's start and at least one of them. It searches the
-// bytes rather than decoding the document, for speed: a quoted key cannot
-// match inside a string, where its quotes would be escaped. JSON allows
-// whitespace around the colon, and Python's json.dumps puts a space after
-// it.
+// bytes from the value's start, at least one. It searches the bytes rather
+// than decoding the document, which runs for every event: inside a string
+// every quote is escaped, so the text of a message never matches a key
+// followed by a colon. JSON allows whitespace around the colon, and
+// Python's json.dumps puts a space after it.
 func hasMember(data []byte, key string, is func(v []byte) bool) bool {
 	for at := 0; ; {
 		i := bytes.Index(data[at:], []byte(key))
