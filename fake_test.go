@@ -8,9 +8,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -96,6 +98,14 @@ type fakeBehavior struct {
 	// event (until the client gives up or release): an upstream whose end
 	// of body lags behind its terminal event.
 	HoldEnd bool
+
+	// Spaced writes JSON the way Python's json.dumps does by default, with
+	// ", " and ": " as separators: what upstreams on Python frameworks send.
+	Spaced bool
+	// Bare frames a stream the minimal way some relays do: no event: lines
+	// (the type is only in the data) and no data: [DONE] after a chat
+	// stream's finish chunk.
+	Bare bool
 }
 
 // Usage the fake reports, fixed so tests can assert what the log holds.
@@ -341,7 +351,7 @@ func (b fakeBehavior) deltas() int {
 var fakeCache sync.Map // string -> []byte or *fakeStream
 
 func fakeKey(kind string, p protocol, responses bool, model string, b fakeBehavior) string {
-	return fmt.Sprint(kind, p, responses, model, b.text(), b.deltas(), b.ToolName, b.ToolInput)
+	return fmt.Sprint(kind, p, responses, model, b.text(), b.deltas(), b.ToolName, b.ToolInput, b.Spaced, b.Bare)
 }
 
 func (f *fakeUpstream) writeJSON(w http.ResponseWriter, p protocol, responses bool, model string, b fakeBehavior) {
@@ -391,6 +401,71 @@ func renderJSON(p protocol, responses bool, model string, b fakeBehavior) []byte
 			"modelVersion": model}
 	}
 	out, _ := json.Marshal(v)
+	if b.Spaced {
+		out = pythonSpaced(out)
+	}
+	return out
+}
+
+// pythonSpaced re-renders compact JSON (as json.Marshal writes it) with the
+// separators of Python's json.dumps: a space after each ',' and ':' outside
+// strings.
+func pythonSpaced(compact []byte) []byte {
+	out := make([]byte, 0, len(compact)+len(compact)/8)
+	inString, escaped := false, false
+	for _, c := range compact {
+		out = append(out, c)
+		switch {
+		case escaped:
+			escaped = false
+		case inString && c == '\\':
+			escaped = true
+		case c == '"':
+			inString = !inString
+		case !inString && (c == ',' || c == ':'):
+			out = append(out, ' ')
+		}
+	}
+	return out
+}
+
+// typeFirst moves the top-level "type" member of a compact JSON object to
+// the front, where the real APIs (and Python relays, whose dicts keep their
+// order) put it; json.Marshal of a map sorts the keys instead.
+func typeFirst(compact []byte) []byte {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(compact, &m) != nil || m["type"] == nil {
+		return compact
+	}
+	out := append([]byte(`{"type":`), m["type"]...)
+	delete(m, "type")
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		q, _ := json.Marshal(k)
+		out = append(append(append(append(out, ','), q...), ':'), m[k]...)
+	}
+	return append(out, '}')
+}
+
+// restyle re-renders one event of a stream as b asks: Spaced JSON in its
+// data, and for Bare no event: line and no [DONE] event at all. Either way
+// the event's type comes first in its data, as upstreams write it.
+func restyle(ev []byte, b fakeBehavior) []byte {
+	var out []byte
+	for line := range bytes.Lines(ev) {
+		switch {
+		case b.Bare && bytes.HasPrefix(line, []byte("event:")):
+		case b.Bare && string(line) == "data: [DONE]\n":
+			return nil
+		case bytes.HasPrefix(line, []byte("data: {")):
+			doc := typeFirst(bytes.TrimSuffix(line[len("data: "):], []byte("\n")))
+			if b.Spaced {
+				doc = pythonSpaced(doc)
+			}
+			out = append(append(append(out, "data: "...), doc...), '\n')
+		default:
+			out = append(out, line...)
+		}
+	}
 	return out
 }
 
@@ -532,6 +607,14 @@ func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fak
 			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": fakeOutputTokens,
 				"cachedContentTokenCount": fakeCacheRead, "totalTokenCount": fakeInputTokens + fakeCacheRead + fakeOutputTokens},
 			"modelVersion": model}))
+	}
+	if b.Spaced || b.Bare {
+		for _, evs := range [][][]byte{fs.head, fs.mid, fs.tail} {
+			for i, ev := range evs {
+				evs[i] = restyle(ev, b)
+			}
+		}
+		fs.delta = restyle(fs.delta, b)
 	}
 	return fs
 }

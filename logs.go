@@ -473,44 +473,65 @@ type logFilter struct {
 	Limit       int
 }
 
-// QueryLogs returns rows matching f, newest first, and how many match in all.
-func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, error) {
+// logTable is a table the request log is read or counted from.
+type logTable uint8
+
+const (
+	logRows   logTable = iota // logs: a row per request
+	logTotals                 // log_totals: requests by channel, model and status, all time
+	logHours                  // log_hourly: by hour, channel and model, a column per status class
+)
+
+func (t logTable) name() string { return [...]string{"logs", "log_totals", "log_hourly"}[t] }
+
+// where is the WHERE clause selecting f's requests in table t, and its
+// arguments: every filter builds its clause here, whichever table answers.
+// Each table tests the columns it has. countLogs reads log_totals only
+// when f has no time filter, and log_hourly only without an exact status,
+// summing the column of f's status class instead.
+func (f logFilter) where(t logTable) (string, []any) {
 	where, args := "WHERE 1=1", []any{}
 	if f.ChannelID != 0 {
-		where += " AND channel_id = ?"
-		args = append(args, f.ChannelID)
+		where, args = where+" AND channel_id = ?", append(args, f.ChannelID)
 	}
 	if f.Model != "" {
-		where += " AND model = ?"
-		args = append(args, f.Model)
+		where, args = where+" AND model = ?", append(args, f.Model)
 	}
-	if f.Status != 0 {
-		where += " AND status = ?"
-		args = append(args, f.Status)
+	if t != logHours {
+		if f.Status != 0 {
+			where, args = where+" AND status = ?", append(args, f.Status)
+		}
+		switch {
+		case f.StatusClass == -1:
+			where += " AND (status < 200 OR status >= 300)"
+		case f.StatusClass > 0:
+			where, args = where+" AND status >= ? AND status < ?", append(args, f.StatusClass*100, f.StatusClass*100+100)
+		}
 	}
-	switch {
-	case f.StatusClass == -1:
-		where += " AND (status < 200 OR status >= 300)"
-	case f.StatusClass > 0:
-		where += " AND status >= ? AND status < ?"
-		args = append(args, f.StatusClass*100, f.StatusClass*100+100)
+	if t != logTotals {
+		col := "time"
+		if t == logHours {
+			col = "hour"
+		}
+		if !f.Since.IsZero() {
+			where, args = where+" AND "+col+" >= ?", append(args, f.Since.UnixMilli())
+		}
+		if !f.Until.IsZero() {
+			where, args = where+" AND "+col+" < ?", append(args, f.Until.UnixMilli())
+		}
 	}
-	if !f.Since.IsZero() {
-		where += " AND time >= ?"
-		args = append(args, f.Since.UnixMilli())
-	}
-	if !f.Until.IsZero() {
-		where += " AND time < ?"
-		args = append(args, f.Until.UnixMilli())
-	}
-	total, err := s.countLogs(ctx, f, where, args)
+	return where, args
+}
+
+// QueryLogs returns rows matching f, newest first, and how many match in all.
+func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, error) {
+	total, err := s.countLogs(ctx, f)
 	if err != nil {
 		return nil, 0, err
 	}
-	pageWhere, pageArgs := where, args
+	where, args := f.where(logRows)
 	if f.BeforeID > 0 {
-		pageWhere += " AND id < ?"
-		pageArgs = append(append([]any{}, args...), f.BeforeID)
+		where, args = where+" AND id < ?", append(args, f.BeforeID) // the page, not the total
 	}
 	limit := f.Limit
 	if limit <= 0 {
@@ -520,7 +541,7 @@ func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, er
 		channel_name, key_index, attempts, status, duration_ms, first_byte_ms, stream, input_tokens,
 		output_tokens, cache_read_tokens, cache_write_tokens, client_ip, error,
 		token_id, session, affinity, cost_usd, tries
-		FROM logs `+pageWhere+` ORDER BY id DESC LIMIT ?`, append(pageArgs, limit)...)
+		FROM logs `+where+` ORDER BY id DESC LIMIT ?`, append(args, limit)...)
 	if err != nil {
 		return nil, 0, fmt.Errorf("query logs: %w", err)
 	}
@@ -546,45 +567,19 @@ func (s *Store) QueryLogs(ctx context.Context, f logFilter) ([]logEntry, int, er
 // with no time filter from log_totals (any channel, model and status
 // filter), over whole hours from the hourly rollups (any but an exact
 // status). Anything finer counts the rows.
-func (s *Store) countLogs(ctx context.Context, f logFilter, where string, args []any) (int, error) {
+func (s *Store) countLogs(ctx context.Context, f logFilter) (int, error) {
 	aligned := func(t time.Time) bool { return t.IsZero() || t.UnixMilli()%3_600_000 == 0 }
-	var q string
-	var qa []any
+	table, sum := logRows, "count(*)"
 	switch {
 	case f.Since.IsZero() && f.Until.IsZero():
-		q = "SELECT coalesce(sum(requests), 0) FROM log_totals WHERE 1=1"
-		switch {
-		case f.Status != 0:
-			q, qa = q+" AND status = ?", append(qa, f.Status)
-		case f.StatusClass == -1:
-			q += " AND (status < 200 OR status >= 300)"
-		case f.StatusClass > 0:
-			q, qa = q+" AND status >= ? AND status < ?", append(qa, f.StatusClass*100, f.StatusClass*100+100)
-		}
+		table, sum = logTotals, "coalesce(sum(requests), 0)"
 	case f.Status == 0 && aligned(f.Since) && aligned(f.Until):
 		col := map[int]string{0: "requests", 2: "ok", 4: "client_errors + cancelled", 5: "server_errors", -1: "requests - ok"}[f.StatusClass]
-		q = "SELECT coalesce(sum(" + col + "), 0) FROM log_hourly WHERE 1=1"
-		if !f.Since.IsZero() {
-			q, qa = q+" AND hour >= ?", append(qa, f.Since.UnixMilli())
-		}
-		if !f.Until.IsZero() {
-			q, qa = q+" AND hour < ?", append(qa, f.Until.UnixMilli())
-		}
-	default:
-		var n int
-		if err := s.rdb.QueryRowContext(ctx, "SELECT count(*) FROM logs "+where, args...).Scan(&n); err != nil {
-			return 0, fmt.Errorf("count logs: %w", err)
-		}
-		return n, nil
+		table, sum = logHours, "coalesce(sum("+col+"), 0)"
 	}
-	if f.ChannelID != 0 {
-		q, qa = q+" AND channel_id = ?", append(qa, f.ChannelID)
-	}
-	if f.Model != "" {
-		q, qa = q+" AND model = ?", append(qa, f.Model)
-	}
+	where, args := f.where(table)
 	var n int
-	if err := s.rdb.QueryRowContext(ctx, q, qa...).Scan(&n); err != nil {
+	if err := s.rdb.QueryRowContext(ctx, "SELECT "+sum+" FROM "+table.name()+" "+where, args...).Scan(&n); err != nil {
 		return 0, fmt.Errorf("count logs: %w", err)
 	}
 	return n, nil
@@ -649,28 +644,44 @@ func (s *Store) deleteLogHour(ctx context.Context, h int64) (int64, error) {
 	return n, tx.Commit()
 }
 
-// retentionLoop deletes log rows older than days, hourly, until ctx ends.
-func retentionLoop(ctx context.Context, s *Store, days int) {
-	tick := time.NewTicker(time.Hour)
-	defer tick.Stop()
+// retentionLoop deletes log rows older than days, and expired sessions:
+// with tick nil at once and then hourly, until ctx ends. A test passes its
+// own tick instead, and the loop makes a pass only when a time arrives on
+// it, with days counted back from that time; it returns when tick closes.
+// Without that, a pass at start would race a test that writes old rows.
+func retentionLoop(ctx context.Context, s *Store, days int, tick <-chan time.Time) {
+	if tick == nil {
+		t := time.NewTicker(time.Hour)
+		defer t.Stop()
+		tick = t.C
+		retainLogs(ctx, s, days, s.Now())
+	}
 	for {
-		cutoff := s.Now().AddDate(0, 0, -days)
-		if n, err := s.DeleteLogsBefore(ctx, cutoff); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			slog.Error("log retention", "err", err)
-		} else if n > 0 {
-			slog.Info("log retention", "deleted", n, "older_than", cutoff.Format(time.RFC3339))
-		}
-		if err := s.DeleteExpiredSessions(ctx); err != nil && ctx.Err() == nil {
-			slog.Error("session cleanup", "err", err)
-		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case now, ok := <-tick:
+			if !ok {
+				return
+			}
+			retainLogs(ctx, s, days, now)
 		}
+	}
+}
+
+// retainLogs is one pass of retentionLoop.
+func retainLogs(ctx context.Context, s *Store, days int, now time.Time) {
+	cutoff := now.AddDate(0, 0, -days)
+	if n, err := s.DeleteLogsBefore(ctx, cutoff); err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		slog.Error("log retention", "err", err)
+	} else if n > 0 {
+		slog.Info("log retention", "deleted", n, "older_than", cutoff.Format(time.RFC3339))
+	}
+	if err := s.DeleteExpiredSessions(ctx); err != nil && ctx.Err() == nil {
+		slog.Error("session cleanup", "err", err)
 	}
 }
 

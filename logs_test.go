@@ -68,7 +68,7 @@ func BenchmarkAdminQueries(b *testing.B) {
 		span time.Duration
 	}{{"year", 365 * 24 * time.Hour}, {"day", 24 * time.Hour}} {
 		b.Run(dist.name, func(b *testing.B) {
-			e := newTestEnv(b)
+			e := newTestEnv(b, noRetention) // a year of rows, kept 7 days
 			start := time.Now()
 			fillLogs(b, e.app.store, rows, dist.span, time.Now())
 			b.Logf("filled %d rows over %s in %s", rows, dist.span, time.Since(start).Round(time.Millisecond))
@@ -103,8 +103,13 @@ func BenchmarkAdminQueries(b *testing.B) {
 	}
 }
 
+// noRetention starts ccload without its retention loop, for tests that
+// write rows older than the test config's 7 days: the loop's pass at start
+// would race them, deleting some of the rows as they are written.
+func noRetention(c *config) { c.LogDays = 0 }
+
 func TestRetentionDeletesOldRows(t *testing.T) {
-	e := newTestEnv(t)
+	e := newTestEnv(t, noRetention)
 	ctx := context.Background()
 	now := time.Now().Truncate(time.Hour).Add(30 * time.Minute)
 	fillLogs(t, e.app.store, 1000, 10*24*time.Hour, now)
@@ -154,6 +159,38 @@ func TestRetentionDeletesOldRows(t *testing.T) {
 		if l.Time.UnixMilli() < cutHour {
 			t.Fatalf("row from %s survived", l.Time)
 		}
+	}
+}
+
+// TestRetentionLoopPassesOnItsTick drives retentionLoop with a test's tick:
+// no pass of its own at start, one per time sent, days counted back from
+// that time, and an end when the tick closes.
+func TestRetentionLoopPassesOnItsTick(t *testing.T) {
+	e := newTestEnv(t, noRetention)
+	s := e.app.store
+	now := time.Date(2026, 3, 1, 12, 30, 0, 0, time.UTC)
+	fillLogs(t, s, 1000, 10*24*time.Hour, now)
+	count := func() (n int) {
+		s.rdb.QueryRow(`SELECT count(*) FROM logs`).Scan(&n)
+		return n
+	}
+	var keep int
+	s.rdb.QueryRow(`SELECT count(*) FROM logs WHERE time >= ?`, hourOf(now.AddDate(0, 0, -7))).Scan(&keep)
+
+	tick := make(chan time.Time)
+	done := make(chan struct{})
+	go func() { retentionLoop(context.Background(), s, 7, tick); close(done) }()
+	// Three days after the oldest row: nothing is older than 7 days yet. A
+	// pass at start, by the real clock, would have deleted every row.
+	tick <- now.AddDate(0, 0, -7)
+	tick <- now // received only once the pass before it is done
+	if n := count(); n != 1000 {
+		t.Errorf("%d rows after a pass 7 days before the rows' end; want all 1000", n)
+	}
+	close(tick) // the loop ends once the pass at now is done
+	<-done
+	if n := count(); n != keep || keep < 700 || keep > 710 {
+		t.Errorf("%d rows after a pass at %s; want the %d of the last 7 days", n, now, keep)
 	}
 }
 
@@ -291,4 +328,39 @@ func BenchmarkInsertLogs(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(batch))/1000, "µs/row")
+}
+
+// TestLogFilterWhere pins which conditions each table gets: a table is
+// asked only about columns it has, and the rows get every filter.
+func TestLogFilterWhere(t *testing.T) {
+	since := time.UnixMilli(7_200_000)
+	until := time.UnixMilli(10_800_000)
+	f := logFilter{ChannelID: 3, Model: "m", Status: 529, Since: since, Until: until, BeforeID: 9, Limit: 5}
+	for _, tc := range []struct {
+		table logTable
+		where string
+		args  []any
+	}{
+		{logRows, "WHERE 1=1 AND channel_id = ? AND model = ? AND status = ? AND time >= ? AND time < ?",
+			[]any{int64(3), "m", 529, int64(7_200_000), int64(10_800_000)}},
+		{logTotals, "WHERE 1=1 AND channel_id = ? AND model = ? AND status = ?", []any{int64(3), "m", 529}},
+		{logHours, "WHERE 1=1 AND channel_id = ? AND model = ? AND hour >= ? AND hour < ?",
+			[]any{int64(3), "m", int64(7_200_000), int64(10_800_000)}},
+	} {
+		where, args := f.where(tc.table)
+		if where != tc.where || fmt.Sprint(args) != fmt.Sprint(tc.args) {
+			t.Errorf("%s: %q %v; want %q %v", tc.table.name(), where, args, tc.where, tc.args)
+		}
+	}
+	for class, want := range map[int]string{
+		-1: "WHERE 1=1 AND (status < 200 OR status >= 300)",
+		4:  "WHERE 1=1 AND status >= ? AND status < ?",
+	} {
+		if where, _ := (logFilter{StatusClass: class}).where(logTotals); where != want {
+			t.Errorf("class %d: %q; want %q", class, where, want)
+		}
+		if where, _ := (logFilter{StatusClass: class}).where(logHours); where != "WHERE 1=1" {
+			t.Errorf("class %d on log_hourly: %q; the class is the column summed, not a condition", class, where)
+		}
+	}
 }

@@ -352,7 +352,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		n := 1
 		if cfg.LogDays > 0 {
 			n++
-			go func() { retentionLoop(bg, store, cfg.LogDays); done <- struct{}{} }()
+			go func() { retentionLoop(bg, store, cfg.LogDays, nil); done <- struct{}{} }()
 		}
 		if a.mirror != nil {
 			n++

@@ -708,6 +708,7 @@ func (u *usage) applyCounts(obj []byte) {
 			completion = jsonInt(v)
 		case "prompt_tokens_details", "input_tokens_details":
 			inputDetails = inputDetails || string(k) == "input_tokens_details"
+			cached = 0 // the last details member says, as for any repeated member
 			forEachMember(v, func(dk, dv []byte) {
 				if string(dk) == "cached_tokens" {
 					cached = max(jsonInt(dv), 0)
@@ -742,6 +743,9 @@ func (u *usage) applyCounts(obj []byte) {
 
 // applyGemini reads a Gemini usageMetadata object.
 func (u *usage) applyGemini(obj []byte) {
+	if len(obj) == 0 || obj[0] != '{' {
+		return // not a report: it must not zero the running totals
+	}
 	var prompt, candidates, cached, thoughts int64
 	forEachMember(obj, func(k, v []byte) {
 		switch string(k) {

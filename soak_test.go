@@ -27,7 +27,10 @@ import (
 // saw, that a steadily failing channel's share of traffic shrinks, and that
 // goroutines and heap come back down afterwards.
 //
-// It runs for 5 s by default. For a long run:
+// It runs for 5 s by default (-short skips it), with a fixed seed, so a
+// failure replays: the same draws of faults and requests, though not the
+// same interleaving of 200 clients. CCLOAD_SOAK_SEED picks another seed.
+// For a long run:
 //
 //	CCLOAD_SOAK=5m CCLOAD_SOAK_CLIENTS=700 CCLOAD_SOAK_STREAM_PCT=90 CCLOAD_SOAK_SLOW=1 \
 //	    go test -run TestSoak -v -timeout 30m
@@ -35,6 +38,9 @@ import (
 // CCLOAD_SOAK_SLOW=1 paces each stream (20 deltas, 50 ms apart), so
 // hundreds of streams are open at once.
 func TestSoak(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a 5 s soak; run without -short")
+	}
 	duration := 5 * time.Second
 	if v := os.Getenv("CCLOAD_SOAK"); v != "" {
 		d, err := time.ParseDuration(v)
@@ -46,9 +52,9 @@ func TestSoak(t *testing.T) {
 	clients := envInt(t, "CCLOAD_SOAK_CLIENTS", 200)
 	streamPct := envInt(t, "CCLOAD_SOAK_STREAM_PCT", 60) // share of requests that stream
 	slow := os.Getenv("CCLOAD_SOAK_SLOW") != ""
-	seed := uint64(time.Now().UnixNano())
-	if v := os.Getenv("CCLOAD_SOAK_SEED"); v != "" {
-		seed, _ = strconv.ParseUint(v, 10, 64)
+	seed, err := soakSeed(os.Getenv("CCLOAD_SOAK_SEED"))
+	if err != nil {
+		t.Fatal(err)
 	}
 	t.Logf("soak: %s, %d clients, slow=%v, seed %d (CCLOAD_SOAK_SEED to repeat)", duration, clients, slow, seed)
 
@@ -305,6 +311,35 @@ func TestSoak(t *testing.T) {
 	t.Logf("soak: %d requests in %s (%.0f/s), %d ok, %d cut mid-stream (upstreams cut %d), %d cancelled by the client; %d upstream attempts (%.2f per request); peak %d streams open; goroutines %d -> %d; heap %d -> %d MiB",
 		n, elapsed.Round(time.Millisecond), float64(n)/elapsed.Seconds(), ok.Load(), cut.Load(), fakeCuts, canceled.Load(),
 		attempts, float64(attempts)/float64(max(n, 1)), peakStreams.Load(), goroutines0, goroutines1, heap0>>20, heap1>>20)
+}
+
+// defaultSoakSeed seeds every soak unless CCLOAD_SOAK_SEED says otherwise.
+const defaultSoakSeed = 1
+
+// soakSeed is the seed for CCLOAD_SOAK_SEED's value v: a decimal uint64,
+// or defaultSoakSeed when empty.
+func soakSeed(v string) (uint64, error) {
+	if v == "" {
+		return defaultSoakSeed, nil
+	}
+	n, err := strconv.ParseUint(v, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("CCLOAD_SOAK_SEED=%q: %w", v, err)
+	}
+	return n, nil
+}
+
+func TestSoakSeed(t *testing.T) {
+	for _, tc := range []struct {
+		v    string
+		want uint64
+		ok   bool
+	}{{"", defaultSoakSeed, true}, {"42", 42, true}, {"18446744073709551615", 1<<64 - 1, true}, {"-1", 0, false}, {"soon", 0, false}} {
+		got, err := soakSeed(tc.v)
+		if got != tc.want || (err == nil) != tc.ok {
+			t.Errorf("soakSeed(%q) = %d, %v; want %d, ok %v", tc.v, got, err, tc.want, tc.ok)
+		}
+	}
 }
 
 // upstreamSet is one protocol's upstreams in the soak.

@@ -20,7 +20,7 @@ const (
 // classifyEvent sorts one event by protocol. name is the event: field (may
 // be empty), data the joined data: lines.
 func classifyEvent(p protocol, name, data []byte) eventKind {
-	if len(name) == 0 && len(data) > 0 && data[0] == '{' {
+	if len(name) == 0 {
 		name = jsonTypeField(data)
 	}
 	switch p {
@@ -55,7 +55,7 @@ func classifyEvent(p protocol, name, data []byte) eventKind {
 		if _, isErr := parseErrorDoc(data); isErr {
 			return evError
 		}
-		if bytes.Contains(data, []byte(`"finish_reason":"`)) {
+		if hasMember(data, `"finish_reason"`, func(v []byte) bool { return v[0] == '"' }) {
 			return evEnd
 		}
 		if roleOnlyChunk(data) {
@@ -77,21 +77,60 @@ func classifyEvent(p protocol, name, data []byte) eventKind {
 // assistant's role, with no text or tool call yet: not content, so a
 // stream that fails right after it can still fail over unseen.
 func roleOnlyChunk(data []byte) bool {
-	return bytes.Contains(data, []byte(`"role":"assistant"`)) &&
-		(bytes.Contains(data, []byte(`"content":""`)) || bytes.Contains(data, []byte(`"content":null`))) &&
+	return hasMember(data, `"role"`, func(v []byte) bool { return bytes.HasPrefix(v, []byte(`"assistant"`)) }) &&
+		hasMember(data, `"content"`, func(v []byte) bool {
+			return bytes.HasPrefix(v, []byte(`""`)) || bytes.HasPrefix(v, []byte("null"))
+		}) &&
 		!bytes.Contains(data, []byte(`"tool_calls"`)) && !bytes.Contains(data, []byte(`"reasoning`))
+}
+
+// hasMember reports whether data holds a member named key (given with its
+// quotes) whose value, wherever it is nested, satisfies is; is gets the
+// bytes from the value's start, at least one. It searches the bytes rather
+// than decoding the document, which runs for every event: inside a string
+// every quote is escaped, so the text of a message never matches a key
+// followed by a colon. JSON allows whitespace around the colon, and
+// Python's json.dumps puts a space after it.
+func hasMember(data []byte, key string, is func(v []byte) bool) bool {
+	for at := 0; ; {
+		i := bytes.Index(data[at:], []byte(key))
+		if i < 0 {
+			return false
+		}
+		at += i + len(key)
+		j := skipSpace(data, at)
+		if j >= len(data) || data[j] != ':' {
+			continue
+		}
+		if j = skipSpace(data, j+1); j < len(data) && is(data[j:]) {
+			return true
+		}
+	}
 }
 
 // jsonTypeField returns the value of a leading "type" member, the way every
 // Anthropic and Responses event starts, without decoding the document.
+// Whitespace may stand wherever JSON allows it.
 func jsonTypeField(data []byte) []byte {
-	const prefix = `{"type":"`
-	if !bytes.HasPrefix(data, []byte(prefix)) {
+	i := skipSpace(data, 0)
+	if i >= len(data) || data[i] != '{' {
 		return nil
 	}
-	rest := data[len(prefix):]
-	if i := bytes.IndexByte(rest, '"'); i >= 0 {
-		return rest[:i]
+	i = skipSpace(data, i+1)
+	if !bytes.HasPrefix(data[i:], []byte(`"type"`)) {
+		return nil
+	}
+	i = skipSpace(data, i+len(`"type"`))
+	if i >= len(data) || data[i] != ':' {
+		return nil
+	}
+	i = skipSpace(data, i+1)
+	if i >= len(data) || data[i] != '"' {
+		return nil
+	}
+	rest := data[i+1:]
+	if j := bytes.IndexByte(rest, '"'); j >= 0 {
+		return rest[:j]
 	}
 	return nil
 }

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"io"
 	"strings"
@@ -187,4 +189,53 @@ func TestPlainBodyUsageAndClientClose(t *testing.T) {
 	if !errors.Is(end.err, errClientClosed) {
 		t.Errorf("closed early: %+v; want errClientClosed", end)
 	}
+}
+
+// FuzzClassifyEventSpacing checks that the event classifiers and the usage
+// scanner read JSON, not its layout: a valid document means the same
+// compact, spaced as Python's json.dumps writes it, or spread over lines
+// with every kind of JSON whitespace.
+func FuzzClassifyEventSpacing(f *testing.F) {
+	for _, s := range []string{
+		`{"type":"message_start","message":{"usage":{"input_tokens":5,"cache_read_input_tokens":2}}}`,
+		`{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}`,
+		`{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a, b: c"}}`,
+		`{"type":"message_delta","usage":{"output_tokens":9}}`,
+		`{"type":"message_stop"}`,
+		`{"type":"error","error":{"type":"overloaded_error","message":"busy"}}`,
+		`{"choices":[{"delta":{"role":"assistant","content":""},"finish_reason":null}]}`,
+		`{"choices":[{"delta":{"role":"assistant","content":null}}]}`,
+		`{"choices":[{"delta":{"content":"hi"},"finish_reason":null}]}`,
+		`{"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":1}}}`,
+		`{"choices":[{"delta":{"content":"\"finish_reason\":\"stop\""}}]}`,
+		`{"type":"response.created","response":{}}`,
+		`{"type":"response.completed","response":{"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4}}}}`,
+		`{"candidates":[],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":2}}`,
+	} {
+		for _, p := range []protocol{protoAnthropic, protoOpenAI, protoGemini} {
+			f.Add(uint8(p), s)
+		}
+	}
+	f.Fuzz(func(t *testing.T, pn uint8, doc string) {
+		p := protocol(pn%3 + 1)
+		var compact bytes.Buffer
+		if json.Compact(&compact, []byte(doc)) != nil {
+			return
+		}
+		var indented bytes.Buffer
+		json.Indent(&indented, compact.Bytes(), "\r", "\t")
+		want := classifyEvent(p, nil, compact.Bytes())
+		var wantUsage usage
+		wantUsage.absorb(compact.Bytes())
+		for _, v := range [][]byte{pythonSpaced(compact.Bytes()), append(append([]byte(" "), indented.Bytes()...), " \n"...)} {
+			if got := classifyEvent(p, nil, v); got != want {
+				t.Errorf("%s: classifyEvent(%s) = %d; compact %s is %d", p, v, got, compact.Bytes(), want)
+			}
+			var u usage
+			u.absorb(v)
+			if u != wantUsage {
+				t.Errorf("absorb(%s) = %+v; compact %s gives %+v", v, u, compact.Bytes(), wantUsage)
+			}
+		}
+	})
 }

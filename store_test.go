@@ -503,11 +503,15 @@ func testMirror(t *testing.T, s *Store, redisURL string) (*redisMirror, *mirrorL
 	return m, log
 }
 
-func runMirror(t *testing.T, m *redisMirror) {
+// runMirror runs m's writer until the test ends, or until the returned
+// stop is called (which waits for it to return).
+func runMirror(t *testing.T, m *redisMirror) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { m.run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	stop = func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return stop
 }
 
 // backupNames lists the channel names in a backup, and checks that the
@@ -690,7 +694,7 @@ func TestMirrorNeverOverwritesBackupAtStart(t *testing.T) {
 	if err := m.restoreOrSeed(ctx); err == nil || !strings.Contains(err.Error(), "version 2") {
 		t.Fatalf("restoreOrSeed with a version 2 backup: %v", err)
 	}
-	runMirror(t, m)
+	stopM := runMirror(t, m)
 	m.await(t, "a failed attempt", func(m *redisMirror) bool { return m.down })
 	m.notify()
 	m.attempts(t, 3)
@@ -700,6 +704,10 @@ func TestMirrorNeverOverwritesBackupAtStart(t *testing.T) {
 	if st := m.Status(); st["ok"] != false || !strings.Contains(st["last_error"].(string), "version 2") {
 		t.Errorf("status %v", st)
 	}
+	// Stopped before the backups below: still retrying, it would restore
+	// the next readable backup into its own database and write that back
+	// over the ones the steps below set.
+	stopM()
 
 	// A readable backup is restored, and the first write puts back the
 	// same channels, not an empty set.
@@ -711,12 +719,13 @@ func TestMirrorNeverOverwritesBackupAtStart(t *testing.T) {
 	if err := m2.restoreOrSeed(ctx); err != nil {
 		t.Fatal(err)
 	}
-	runMirror(t, m2)
+	stopM2 := runMirror(t, m2)
 	m2.caughtUp(t)
 	doc, _, _ := r.backup()
 	if len(doc.Channels) != 1 || doc.Channels[0].ID != 41 || doc.Channels[0].Name != "Kept" {
 		t.Errorf("backup after start: %+v", doc.Channels)
 	}
+	stopM2()
 
 	// A backup with a channel the admin API would refuse is not half
 	// restored: the database stays empty.
