@@ -103,7 +103,10 @@ func TestSoak(t *testing.T) {
 			return fakeBehavior{StallFirst: true}
 		case x < 32:
 			return fakeBehavior{FirstEventErr: true}
-		case x < 38:
+		case x < 38 && r.Header.Get("X-Soak-Cancel") == "":
+			// Not for a client that will cancel: on a loaded machine its
+			// cancel and the cut race, and either may be what ccload
+			// sees first (a 499 or a 502), while the client saw its own.
 			ok.CutAfter = 2
 			return ok
 		}
@@ -272,7 +275,13 @@ func TestSoak(t *testing.T) {
 		if late >= early {
 			t.Errorf("%s: a steadily failing channel did not lose share: %.1f hits/s early, %.1f/s late", typ, early, late)
 		}
-		if share > 0.05 {
+		// Its share depends on the run's throughput: each time its
+		// capped cooldown ends, the requests in flight that plan it before
+		// its next 503 lands all try it, and on a loaded machine that 503
+		// is slow while the requests are few. Half a fair share (1 in 5
+		// channels) is the bound that holds at any load; on an idle
+		// machine it takes about 1%.
+		if share > 0.10 {
 			t.Errorf("%s: a steadily failing channel took %.1f%% of attempts", typ, 100*share)
 		}
 	}
