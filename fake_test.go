@@ -101,6 +101,7 @@ type fakeBehavior struct {
 
 	// Spaced writes JSON the way Python's json.dumps does by default, with
 	// ", " and ": " as separators: what upstreams on Python frameworks send.
+	// It and Bare style the answer; injected error events stay compact.
 	Spaced bool
 	// Bare frames a stream the minimal way some relays do: no event: lines
 	// (the type is only in the data) and no data: [DONE] after a chat

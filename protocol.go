@@ -208,8 +208,9 @@ const maxJSONDepth = 10000
 // inspectBody validates body as JSON (accepting exactly what json.Valid
 // accepts) and, in the same pass, finds the top-level "model" and "stream"
 // members. One pass matters: Claude Code sends 100 KiB and more per
-// request, and encoding/json's validator alone costs about a millisecond
-// for that; this scan is several times faster.
+// request. On a body of its shape this scan takes 95 µs per 100 KiB, and
+// encoding/json's validator alone 638 µs (6.7×; medians of
+// BenchmarkInspectBody and BenchmarkJSONValid, -count 5, 2 vCPU).
 func inspectBody(body []byte) (bodyInfo, error) {
 	s := jsonScan{b: body}
 	s.space()
