@@ -27,6 +27,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -430,13 +431,35 @@ func TestClients(t *testing.T) {
 }
 
 // downURL is an upstream address where nothing listens.
-func downURL(t *testing.T) string {
+// downUpstream is a channel URL that accepts each connection and closes it
+// at once, as a dead upstream does, counting them. Every attempt of ccload's
+// happens inside one of the client's requests, and the channel is its only
+// one (the last resort once cooling), so once the client has exited the count
+// is final: the requests the client sent. The log is not: its rows are
+// written a moment after each answer.
+type downUpstream struct {
+	URL  string
+	hits atomic.Int64
+}
+
+func newDownUpstream(t *testing.T) *downUpstream {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return "http://" + ln.Addr().String()
+	t.Cleanup(func() { ln.Close() })
+	d := &downUpstream{URL: "http://" + ln.Addr().String()}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			d.hits.Add(1)
+			c.Close()
+		}
+	}()
+	return d
 }
 
 // leaks fails if any header the upstream received carries a client token.
@@ -639,15 +662,16 @@ func testClaudeCode(t *testing.T, kit clientKit) {
 	t.Run("all channels down", func(t *testing.T) {
 		t.Parallel()
 		r := startRelay(t, kit)
-		r.channel("down", downURL(t), "anthropic", 0)
+		down := newDownUpstream(t)
+		r.channel("down", down.URL, "anthropic", 0)
 		res := kit.claude(t, r, newClientHome(t), "say hello")
 		rows := r.logs(1)
-		t.Logf("Claude Code, every channel down: %d requests: %s", len(rows), res)
+		t.Logf("Claude Code, every channel down: %d requests: %s", down.hits.Load(), res)
 		if model := rows[0].Model; res.code == 0 || !strings.Contains(res.stdout+res.stderr, fmt.Sprintf("no channel could serve model %q", model)) {
 			t.Errorf("want a non-zero exit and ccload's error naming %s:\n%s", model, res)
 		}
-		if len(rows) != 1 {
-			t.Errorf("Claude Code sent %d requests; want 1: ccload says retrying cannot help", len(rows))
+		if n := down.hits.Load(); n != 1 {
+			t.Errorf("Claude Code sent %d requests; want 1: ccload says retrying cannot help", n)
 		}
 		if res.elapsed > 5*time.Second {
 			t.Errorf("the error took %s to show; want under 5s", res.elapsed.Round(time.Millisecond))
@@ -811,10 +835,10 @@ func testCodex(t *testing.T, kit clientKit) {
 		// provider config leaves the retrying to ccload (request_max_retries
 		// = 0, stream_max_retries = 2), as the config above does.
 		r := startRelay(t, kit)
-		r.channel("down", downURL(t), "openai", 0)
+		down := newDownUpstream(t)
+		r.channel("down", down.URL, "openai", 0)
 		res := kit.codex(t, r, newClientHome(t), "say hello")
-		rows := r.logs(1)
-		t.Logf("Codex, every channel down: %d requests: %s", len(rows), res)
+		t.Logf("Codex, every channel down: %d requests: %s", down.hits.Load(), res)
 		if res.code == 0 || !strings.Contains(res.stderr, codexModel) {
 			t.Errorf("want a non-zero exit and an error naming %s:\n%s", codexModel, res)
 		}
@@ -908,16 +932,16 @@ func testSDKs(t *testing.T, kit clientKit) {
 	// allDown checks the SDK shows ccload's all-down error at once.
 	allDown := func(t *testing.T, typ, call, model, errType string) {
 		r := startRelay(t, kit)
-		r.channel("down", downURL(t), typ, 0)
+		down := newDownUpstream(t)
+		r.channel("down", down.URL, typ, 0)
 		out, res := kit.sdk(t, r, call, model)
-		rows := r.logs(1)
-		t.Logf("%s, every channel down: %d requests in %s: %s", call, len(rows), res.elapsed.Round(time.Millisecond), strings.TrimSpace(res.stdout))
+		t.Logf("%s, every channel down: %d requests in %s: %s", call, down.hits.Load(), res.elapsed.Round(time.Millisecond), strings.TrimSpace(res.stdout))
 		msg := fmt.Sprintf("no channel could serve model %q", model)
 		if out.OK || !out.Error.APIError || out.Error.Status != 503 || out.Error.Type != errType || !strings.Contains(out.Error.APIMessage, msg) {
 			t.Errorf("got %+v; want an APIError, 503 %s, saying %s", out.Error, errType, msg)
 		}
-		if len(rows) != 1 {
-			t.Errorf("the SDK sent %d requests; want 1: retrying cannot help", len(rows))
+		if n := down.hits.Load(); n != 1 {
+			t.Errorf("the SDK sent %d requests; want 1: retrying cannot help", n)
 		}
 		if res.elapsed > 5*time.Second {
 			t.Errorf("the error took %s to show; want under 5s", res.elapsed.Round(time.Millisecond))

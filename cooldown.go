@@ -234,10 +234,26 @@ func (s *coolSlot) claimTrial(now int64) bool {
 // claimTrial is coolSlot.claimTrial for the channel and the model: whether a
 // request may try the channel for model now, or should put it last.
 func (h *channelHealth) claimTrial(model string, now int64) bool {
-	if s := h.modelSlot(model); s != nil && !s.claimTrial(now) {
+	ms := h.modelSlot(model)
+	if ms == nil {
+		return h.ch.claimTrial(now)
+	}
+	// Both or neither: a request that holds the model's trial but is
+	// refused the channel's puts the channel last and may never try it,
+	// and would keep every request for the model off it meanwhile.
+	if !ms.claimTrial(now) {
 		return false
 	}
-	return h.ch.claimTrial(now)
+	if !h.ch.claimTrial(now) {
+		ms.releaseTrial(now)
+		return false
+	}
+	return true
+}
+
+// releaseTrial gives back a trial claimed at now and not used.
+func (s *coolSlot) releaseTrial(now int64) {
+	s.trial.CompareAndSwap(now+int64(trialHold), 0)
 }
 
 // channelHealth is the mutable health of one channel. It lives apart from

@@ -379,3 +379,23 @@ func TestExpiredCooldownIsOnTrialForOneRequest(t *testing.T) {
 		t.Fatal("another model of the channel is not on trial")
 	}
 }
+
+// A request refused the channel's trial gives back the model's it claimed.
+func TestTrialClaimsBothScopesOrNeither(t *testing.T) {
+	c, clk, hs := newTestCooldowns(Channel{ID: 1, URL: "u"})
+	h := hs[1]
+	now := func() int64 { return clk.now().UnixNano() }
+	c.fail(h, -1, "y", verdict{scope: scopeModel, base: time.Second, status: 404, reason: "404"})
+	c.fail(h, -1, "x", verdict{scope: scopeChannel, base: time.Second, status: 503, reason: "503"})
+	clk.advance(2 * time.Second)
+	if !h.claimTrial("x", now()) {
+		t.Fatal("request 1 (model x) refused the channel's trial")
+	}
+	if h.claimTrial("y", now()) {
+		t.Fatal("request 2 (model y) granted a trial while request 1 holds the channel's")
+	}
+	c.succeed(h, -1, "x") // request 1 succeeds: the channel's record is cleared
+	if !h.claimTrial("y", now()) {
+		t.Fatal("model y's trial still held by a request that was refused the channel's")
+	}
+}

@@ -78,6 +78,7 @@ type fakeBehavior struct {
 	ErrorIn200     bool   // non-stream: 200 whose JSON body is an error (ErrType, default overloaded_error)
 
 	Deltas     int           // content deltas in a stream (default 3)
+	EarlyHints http.Header   // sent first as a 103 answer, before the real one
 	DeltaDelay time.Duration // slow mode: wait this long before each delta after the first
 	Text       string        // text of each delta (default "Hello")
 	// BlockDeltas, when set, is received from before each delta after the
@@ -220,6 +221,13 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	p, responses := fakeProto(r.URL.Path)
+	if b.EarlyHints != nil {
+		for k, vs := range b.EarlyHints {
+			w.Header()[k] = vs
+		}
+		w.WriteHeader(http.StatusEarlyHints)
+		clear(w.Header())
+	}
 	for k, vs := range b.Headers {
 		w.Header()[k] = vs
 	}

@@ -1,9 +1,13 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
 	"strings"
 	"testing"
 	"time"
@@ -297,5 +301,37 @@ func TestUpstreamHeadersHidden(t *testing.T) {
 	check("last error", resp)
 	if resp.StatusCode != 529 || resp.Header.Get("Retry-After") != "3" {
 		t.Errorf("last error: %d Retry-After %q; want 529 and the upstream's 3", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+}
+
+// An upstream's 1xx answers are not relayed: ReverseProxy would pass them
+// on at once with the upstream's own headers, past hideUpstreamHeaders, and
+// from a channel that then fails over.
+func TestUpstream1xxNotRelayed(t *testing.T) {
+	e := newTestEnv(t)
+	a, b := newFakeUpstream(t, "a"), newFakeUpstream(t, "b")
+	a.set(fakeBehavior{Status: 500, EarlyHints: http.Header{"Cf-Ray": {"8f00-SJC"}, "Server": {"secret-reseller"}, "Link": {"</x>; rel=preload"}}})
+	e.addChannel(Channel{Name: "a", URL: a.URL, Priority: 1})
+	e.addChannel(Channel{Name: "b", URL: b.URL})
+	var got []int
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+			got = append(got, code)
+			return nil
+		},
+	})
+	req, _ := http.NewRequestWithContext(ctx, "POST", e.URL+"/v1/messages", strings.NewReader(anthropicBody("m", false)))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || a.count() != 1 || b.count() != 1 {
+		t.Fatalf("status %d, hits a=%d b=%d; want b's 200 after a's 500", resp.StatusCode, a.count(), b.count())
+	}
+	if len(got) != 0 {
+		t.Errorf("the client got 1xx answers %v from the channel that failed", got)
 	}
 }

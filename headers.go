@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"net/http"
+	"net/http/httptrace"
 	"strings"
 )
 
@@ -47,4 +49,20 @@ func hideUpstreamHeaders(h http.Header) {
 			}
 		}
 	}
+}
+
+// withoutClientTrace hides the httptrace.ClientTrace that ReverseProxy puts
+// on its outbound request. Its one hook relays an upstream's 1xx answers (103
+// Early Hints, say) to the client at once, with their headers as the
+// upstream sent them: past hideUpstreamHeaders, and from any channel tried,
+// including one that then fails over. No client of an LLM API needs them,
+// so ccload relays no 1xx at all.
+type withoutClientTrace struct{ context.Context }
+
+func (c withoutClientTrace) Value(key any) any {
+	v := c.Context.Value(key)
+	if _, ok := v.(*httptrace.ClientTrace); ok {
+		return nil
+	}
+	return v
 }

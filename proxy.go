@@ -407,7 +407,9 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 	}()
 	// Channels whose expired cooldown another request is trying right now
 	// (see coolSlot.claimTrial) go after the plan's own order, before its
-	// last resort: tried only if nothing else serves.
+	// last resort: tried only if nothing else serves. So do those that began
+	// cooling after the plan was made (another request saw them fail): not
+	// skipped, since they may be all that is left to serve this request.
 	var behind [4]*channelEntry
 	later := behind[:0]
 	for i, j := 0, 0; ; {
@@ -472,7 +474,7 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	x.tries = append(x.tries, try{entry: e, key: k, start: rl.Now()})
 	rl.metrics.attempt()
 	ctx := out.Context()
-	actx, cancel := context.WithCancelCause(ctx)
+	actx, cancel := context.WithCancelCause(withoutClientTrace{ctx})
 	wait := rl.responseWait()
 	if x.stream {
 		wait = rl.firstByteWait()
@@ -631,7 +633,16 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	case looksLikeErrorDoc(trimmed):
 		// Error documents are small: read up to the cap, and if the body
 		// is longer it is no error and goes on whole.
-		more, _ := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
+		more, rerr := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
+		if rerr != nil {
+			// Cut off inside what may be an error: neither an answer to
+			// relay as a 200 nor a success to clear cooldowns with.
+			putBuf(head)
+			if context.Cause(actx) == errFirstByteTimeout {
+				return broken(http.StatusGatewayTimeout, fmt.Sprintf("no response body within %s", rl.responseWait()))
+			}
+			return broken(http.StatusBadGateway, "response body failed: "+shortError(rerr))
+		}
 		doc := append(head, more...)
 		if len(more) > maxErrorBody {
 			head = doc
@@ -817,7 +828,7 @@ func (rl *relay) finish(x *exchange) {
 		e.ChannelID, e.ChannelName, e.KeyIndex = t.entry.ch.ID, t.entry.ch.Name, t.key
 		e.UpstreamModel = t.entry.upstreamModel(x.model)
 	}
-	e.trace = encodeTrace(x.tries, x.status, dur)
+	e.trace = encodeTrace(x.tries, x.status, x.start, dur)
 	rl.metrics.request(&e, dur)
 	rl.logs.add(e)
 }

@@ -32,7 +32,7 @@ type tryView struct {
 
 // encodeTrace returns the stored form of x's tries for a row with status
 // and duration: "" when the row itself says all there is.
-func encodeTrace(tries []try, status int, dur time.Duration) string {
+func encodeTrace(tries []try, status int, start time.Time, dur time.Duration) string {
 	if len(tries) == 1 && tries[0].status == status && tries[0].err == "" {
 		return ""
 	}
@@ -44,7 +44,7 @@ func encodeTrace(tries []try, status int, dur time.Duration) string {
 		}
 		d := t.dur
 		if i == len(tries)-1 && t.err == "" {
-			d = dur // the answer's try lasted as long as the request
+			d = start.Add(dur).Sub(t.start) // the answer's try lasts until the request ends
 		}
 		rows = append(rows, []any{t.entry.ch.ID, t.key, t.status, d.Milliseconds(), cooledName(t.cooled),
 			truncate(t.err, 200), t.entry.ch.Name})
