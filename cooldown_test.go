@@ -337,7 +337,8 @@ func TestExpiredCooldownIsOnTrialForOneRequest(t *testing.T) {
 	c, clk, hs := newTestCooldowns(Channel{ID: 1, URL: "u"})
 	h := hs[1]
 	now := func() int64 { return clk.now().UnixNano() }
-	if !h.claimTrial("m", now()) || !h.claimTrial("m", now()) {
+	twice := func(model string) (bool, bool) { return h.claimTrial(model, now()), h.claimTrial(model, now()) }
+	if a, b := twice("m"); !a || !b {
 		t.Fatal("a channel with nothing on record refused a request")
 	}
 	transient := verdict{scope: scopeChannel, base: defaultCooldownPolicy.Transient, status: 503, reason: "503"}
@@ -365,7 +366,7 @@ func TestExpiredCooldownIsOnTrialForOneRequest(t *testing.T) {
 		t.Fatal("after the second cooldown one trial (and only one) may start")
 	}
 	c.succeed(h, -1, "m")
-	if !h.claimTrial("m", now()) || !h.claimTrial("m", now()) {
+	if a, b := twice("m"); !a || !b {
 		t.Fatal("a success ends the trial for everyone")
 	}
 
@@ -375,7 +376,7 @@ func TestExpiredCooldownIsOnTrialForOneRequest(t *testing.T) {
 	if !h.claimTrial("m", now()) || h.claimTrial("m", now()) {
 		t.Fatal("model m: want one trial")
 	}
-	if !h.claimTrial("other", now()) || !h.claimTrial("other", now()) {
+	if a, b := twice("other"); !a || !b {
 		t.Fatal("another model of the channel is not on trial")
 	}
 }

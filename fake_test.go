@@ -73,6 +73,7 @@ type fakeBehavior struct {
 	CutAfter       int    // stream: drop the connection after this many deltas
 	CutClean       bool   // with CutAfter: end the body cleanly (no terminal event) instead
 	MidStreamError bool   // with CutAfter: send an error event there instead of cutting
+	CutAfterError  bool   // with MidStreamError: then drop the connection, not end the body
 	EmptyBody      bool   // 200 with an empty body
 	HTMLBody       bool   // 200 with an HTML page
 	ErrorIn200     bool   // non-stream: 200 whose JSON body is an error (ErrType, default overloaded_error)
@@ -697,6 +698,9 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 			switch {
 			case b.MidStreamError:
 				send(sseEvent("error", map[string]any{"type": "error", "error": map[string]any{"type": cmp.Or(b.ErrType, "overloaded_error"), "message": "Overloaded mid-stream"}}))
+				if b.CutAfterError {
+					panic(http.ErrAbortHandler)
+				}
 				return
 			case b.CutClean:
 				return // the body ends without the terminal event

@@ -131,3 +131,26 @@ func TestCutEndsWithCompleteErrorEvent(t *testing.T) {
 		})
 	}
 }
+
+// An upstream error event mid-stream is the stream's end, even when the
+// connection then drops: the client gets that one terminal event, not a
+// response.failed of ccload's after it.
+func TestErrorEventThenCutEndsOnce(t *testing.T) {
+	e := newTestEnv(t)
+	up := newFakeUpstream(t, "a")
+	up.set(fakeBehavior{Deltas: 4, CutAfter: 2, MidStreamError: true, CutAfterError: true})
+	e.addChannel(Channel{Name: "a", URL: up.URL, Type: "openai"})
+	resp, body := e.post("/v1/responses", `{"model":"gpt-cut","stream":true,"input":"hi"}`)
+	names, _ := sseEvents(body)
+	if resp.StatusCode != 200 || len(names) < 3 || names[len(names)-1] != "error" {
+		t.Fatalf("status %d, events %v; want the stream to end with the upstream's error event", resp.StatusCode, names)
+	}
+	for _, n := range names {
+		if n == "response.failed" {
+			t.Errorf("events %v: a second terminal event after the upstream's error", names)
+		}
+	}
+	if row := e.lastLog(); row.Status == 200 || !strings.Contains(row.Error, "error event mid-stream") {
+		t.Errorf("log row status %d error %q; want the error event judged", row.Status, row.Error)
+	}
+}

@@ -438,10 +438,13 @@ func (b *sseBody) finishRead(err error) {
 		b.err = io.EOF
 		return
 	}
-	if b.scan.done {
+	if b.scan.done || b.scan.lateErr != nil {
 		// The terminal event has been relayed: the client has the whole
 		// answer, whoever hangs up now (Codex closes its connection as
 		// soon as it reads response.completed). Not a failure, not a 499.
+		// Likewise after the upstream's own error event: the client has
+		// its end, and a second one of ours would follow it (settle
+		// judges the error event).
 		b.dropPartial()
 		b.err = io.EOF
 		return
