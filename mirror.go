@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -19,7 +21,9 @@ import (
 // The Redis mirror (README "Redis"):
 // after every channel change the whole channel set, keys included, is
 // written to one Redis key, so that a container that lost its disk can
-// restore itself on the next start.
+// restore itself on the next start. The same writer shares the
+// configuration between replicas, item by item (cluster.go): for a single
+// replica that is the backup, for several it is how they agree.
 
 const (
 	mirrorKey     = "ccload:channels"
@@ -54,6 +58,18 @@ type redisMirror struct {
 	// was down at start and came back while the database was still empty).
 	onRestore func()
 
+	// The cluster (cluster.go). Set before run.
+	replica string        // this replica's id (CCLOAD_REPLICA)
+	started time.Time     // when this process started, for the replicas list
+	kinds   []*configKind // the shared config kinds, reconciled in order
+	cool    *cooldowns    // remote cooldown changes are applied here; nil: ignored
+	// healthOut queues local cooldown changes for publishHealth; a full
+	// queue drops (healthDropped counts) rather than block the hot path.
+	healthOut     chan healthMsg
+	healthDropped atomic.Int64
+	seen          atomic.Int64 // the config version the last reconcile covered
+	idMu          sync.Mutex   // serializes taking ids from the reserved block
+
 	mu        sync.Mutex // guards the fields below
 	startSync bool       // the start-up restore-or-push has happened
 	down      bool       // in an outage: the error was logged once
@@ -81,7 +97,9 @@ func newRedisMirror(rawURL string, s *Store) (*redisMirror, error) {
 	opt.DialTimeout = 3 * time.Second
 	opt.ReadTimeout = 3 * time.Second
 	opt.WriteTimeout = 3 * time.Second
-	opt.PoolSize = 2
+	// The writer, the watcher's poll and heartbeat, the health publisher
+	// and session checks; pub/sub has its own connection.
+	opt.PoolSize = 6
 	// One dial per attempt: the mirror's own backoff spaces the attempts,
 	// and go-redis's five quick redials only made each failure slower.
 	opt.DialerRetries = 1
@@ -96,7 +114,10 @@ func newRedisMirror(rawURL string, s *Store) (*redisMirror, error) {
 		kick: make(chan struct{}, 1), now: time.Now, log: slog.Default(),
 		retryMin: time.Second, retryMax: 30 * time.Second,
 		progress: make(chan struct{}),
+		started:  time.Now(), healthOut: make(chan healthMsg, 1024),
 	}
+	m.replica, _ = os.Hostname()
+	m.kinds = []*configKind{channelKind(s, nil)}
 	return m, nil
 }
 
@@ -298,6 +319,31 @@ func (m *redisMirror) sync(ctx context.Context) error {
 			m.onRestore()
 		}
 	}
+	// The version is read before the items, so a change after it moves
+	// the version again and is caught by the next run.
+	vctx, vcancel := context.WithTimeout(ctx, 5*time.Second)
+	ver, err := m.client.Get(vctx, cfgVersionKey).Int64()
+	vcancel()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return fmt.Errorf("read version: %w", err)
+	}
+	for _, k := range m.kinds {
+		// A lost compare-and-set means another replica wrote the same
+		// item meanwhile: go round again with its revision.
+		for range 5 {
+			_, again, err := m.reconcile(ctx, k)
+			if err != nil {
+				return fmt.Errorf("share %s: %w", k.name, err)
+			}
+			if !again {
+				break
+			}
+		}
+	}
+	m.seen.Store(ver)
+	if err := m.reserveIDs(ctx, "channels", m.store.maxChannelID(ctx)); err != nil {
+		return err
+	}
 	// gen was read before this read of the database, so the write below
 	// covers every change counted in it.
 	chs, err := m.store.ListChannels(ctx)
@@ -345,7 +391,7 @@ func (m *redisMirror) Status() map[string]any {
 	defer m.mu.Unlock()
 	st := map[string]any{"enabled": true, "ok": !m.down && m.startSync, "addr": m.addr,
 		"last_error": m.lastErr, "channels": m.lastCount, "restored_at_start": m.restored,
-		"pending": m.wanted > m.written}
+		"pending": m.wanted > m.written, "replica": m.replica, "health_dropped": m.healthDropped.Load()}
 	st["last_sync"] = nil
 	if !m.lastSyncAt.IsZero() {
 		st["last_sync"] = m.lastSyncAt.UTC()
