@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net/http"
@@ -821,4 +822,42 @@ func (a *admin) handleReplicas() http.Handler {
 		writeJSON(w, http.StatusOK, out)
 		return nil
 	})
+}
+
+// replicaLabeler adds the replica label to every sample line written
+// through it. Writes may end mid-line (a bufio.Writer's chunks): the
+// unfinished line waits for the next write. The exposition ends each line
+// with a newline, so nothing is left at the end.
+type replicaLabeler struct {
+	w       io.Writer
+	label   string
+	partial []byte
+}
+
+func (l *replicaLabeler) Write(p []byte) (int, error) {
+	var out bytes.Buffer
+	buf := append(l.partial, p...)
+	end := bytes.LastIndexByte(buf, '\n') + 1
+	l.partial = append([]byte(nil), buf[end:]...)
+	for line := range bytes.SplitAfterSeq(buf[:end], []byte("\n")) {
+		if len(line) == 0 || line[0] == '#' {
+			out.Write(line)
+			continue
+		}
+		if i := bytes.IndexByte(line, '{'); i >= 0 {
+			out.Write(line[:i+1])
+			out.WriteString(l.label + ",")
+			out.Write(line[i+1:])
+		} else if i := bytes.IndexByte(line, ' '); i >= 0 {
+			out.Write(line[:i])
+			out.WriteString("{" + l.label + "}")
+			out.Write(line[i:])
+		} else {
+			out.Write(line)
+		}
+	}
+	if _, err := l.w.Write(out.Bytes()); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }

@@ -404,7 +404,11 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 
 	mux.Handle("GET /healthz", ad.handleHealthz())
 	mux.Handle("GET /public/summary", ad.handleSummary())
-	mux.Handle("GET /metrics", handleMetrics(metricsSource{m: a.metrics, sel: a.sel, logs: a.logs, now: time.Now}, auth))
+	ms := metricsSource{m: a.metrics, sel: a.sel, logs: a.logs, now: time.Now}
+	if a.mirror != nil {
+		ms.replica = a.cfg.Replica
+	}
+	mux.Handle("GET /metrics", handleMetrics(ms, auth))
 
 	mux.Handle("POST /login", ad.handleLogin())
 	mux.Handle("POST /logout", ad.handleLogout())
