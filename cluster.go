@@ -460,8 +460,9 @@ func (m *redisMirror) newID(ctx context.Context, kind string, floor int64) (int6
 	}
 	m.idMu.Lock()
 	defer m.idMu.Unlock()
+	// Block ids were taken from the counter when reserved, so no replica
+	// hands them out again, however far the counter has moved since.
 	next, last := m.store.idBlock(ctx, kind)
-	next = max(next, floor+1)
 	if last == 0 || next > last {
 		return 0, &apiError{503, "Redis is unreachable and this replica has no cluster ids left to create with: try again when Redis is back (" + scrub(err.Error(), m.secrets) + ")"}
 	}
@@ -475,7 +476,7 @@ func (m *redisMirror) newID(ctx context.Context, kind string, floor int64) (int6
 func (m *redisMirror) reserveIDs(ctx context.Context, kind string, floor int64) error {
 	m.idMu.Lock()
 	defer m.idMu.Unlock()
-	if next, last := m.store.idBlock(ctx, kind); next > floor && last-next >= idBlock/2 {
+	if next, last := m.store.idBlock(ctx, kind); last > 0 && last-next+1 >= idBlock/2 {
 		return nil
 	}
 	last, err := idScript.Run(ctx, m.client, []string{cfgIDsKey(kind)}, floor, idBlock).Int64()
@@ -536,14 +537,18 @@ func (m *redisMirror) watch(ctx context.Context) {
 			pctx, cancel := context.WithTimeout(ctx, time.Second)
 			v, err := m.client.Get(pctx, cfgVersionKey).Int64()
 			cancel()
-			if err == nil || errors.Is(err, redis.Nil) {
+			switch {
+			case (err == nil || errors.Is(err, redis.Nil)) && m.isDown():
+				select { // Redis is back: catch up now, not after the backoff
+				case m.back <- struct{}{}:
+				default:
+				}
+			case err == nil || errors.Is(err, redis.Nil):
 				if v != m.seen.Load() {
 					m.poke()
 				}
-			} else if !m.isDown() {
-				m.poke() // the writer notices the outage and reports it
-			} else {
-				m.poke() // a retry at the writer's own pace
+			case !m.isDown():
+				m.poke() // the writer's attempt notices the outage and reports it
 			}
 		case <-beat.C:
 			m.heartbeat(ctx)

@@ -47,8 +47,12 @@ type redisMirror struct {
 	addr    string   // host:port, for messages
 	secrets []string // the credentials in REDIS_URL, scrubbed from every message
 	kick    chan struct{}
-	now     func() time.Time
-	log     *slog.Logger
+	// back is signalled by the watcher when Redis answers again during an
+	// outage: the writer drops its backoff, so a long outage does not
+	// delay the catch-up by up to retryMax.
+	back chan struct{}
+	now  func() time.Time
+	log  *slog.Logger
 
 	// retryMin and retryMax bound the backoff between attempts while Redis
 	// is unreachable. Set before run.
@@ -111,7 +115,7 @@ func newRedisMirror(rawURL string, s *Store) (*redisMirror, error) {
 	redis.SetLogger(redisLogger{secrets})
 	m := &redisMirror{
 		client: redis.NewClient(opt), store: s, addr: opt.Addr, secrets: secrets,
-		kick: make(chan struct{}, 1), now: time.Now, log: slog.Default(),
+		kick: make(chan struct{}, 1), back: make(chan struct{}, 1), now: time.Now, log: slog.Default(),
 		retryMin: time.Second, retryMax: 30 * time.Second,
 		progress: make(chan struct{}),
 		started:  time.Now(), healthOut: make(chan healthMsg, 1024),
@@ -274,6 +278,9 @@ func (m *redisMirror) run(ctx context.Context) {
 				continue
 			}
 		case <-timer.C:
+		case <-m.back:
+			timer.Stop()
+			retry = 0
 		}
 		if err := m.sync(ctx); err != nil {
 			if ctx.Err() != nil {
