@@ -509,9 +509,9 @@ func (s *Store) maxChannelID(ctx context.Context) int64 {
 // the writer, health notices are applied to cool, and the heartbeat is
 // written. It returns when ctx ends.
 func (m *redisMirror) watch(ctx context.Context) {
-	ps := m.client.Subscribe(ctx, cfgNotify, healthNotify)
-	defer ps.Close()
-	msgs := ps.Channel(redis.WithChannelHealthCheckInterval(time.Second))
+	listened := make(chan struct{})
+	go func() { m.listen(ctx); close(listened) }()
+	defer func() { <-listened }()
 	poll := time.NewTicker(pollEvery)
 	defer poll.Stop()
 	beat := time.NewTicker(heartbeatEvery)
@@ -521,18 +521,6 @@ func (m *redisMirror) watch(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case msg, ok := <-msgs:
-			if !ok {
-				return
-			}
-			switch msg.Channel {
-			case cfgNotify:
-				if _, from, _ := strings.Cut(msg.Payload, " "); from != m.replica {
-					m.poke()
-				}
-			case healthNotify:
-				m.applyHealth(msg.Payload)
-			}
 		case <-poll.C:
 			pctx, cancel := context.WithTimeout(ctx, time.Second)
 			v, err := m.client.Get(pctx, cfgVersionKey).Int64()
@@ -552,6 +540,31 @@ func (m *redisMirror) watch(ctx context.Context) {
 			}
 		case <-beat.C:
 			m.heartbeat(ctx)
+		}
+	}
+}
+
+// listen follows the pub/sub channels, subscribing again whenever the
+// connection ends (a Redis restart), until ctx ends.
+func (m *redisMirror) listen(ctx context.Context) {
+	for ctx.Err() == nil {
+		ps := m.client.Subscribe(ctx, cfgNotify, healthNotify)
+		stop := context.AfterFunc(ctx, func() { ps.Close() }) // ends the range below
+		for msg := range ps.Channel(redis.WithChannelHealthCheckInterval(time.Second)) {
+			switch msg.Channel {
+			case cfgNotify:
+				if _, from, _ := strings.Cut(msg.Payload, " "); from != m.replica {
+					m.poke()
+				}
+			case healthNotify:
+				m.applyHealth(msg.Payload)
+			}
+		}
+		stop()
+		ps.Close()
+		select {
+		case <-ctx.Done():
+		case <-time.After(pollEvery):
 		}
 	}
 }

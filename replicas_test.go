@@ -419,7 +419,8 @@ func TestReplicas(t *testing.T) {
 			tok := map[*replicaProc]string{a: ta, b: tb}[p]
 			until(t, p.name+" converges after Redis returns", 5*time.Second, func() bool {
 				l := p.channels(tok)
-				return len(l) == 3 && l[0].Priority == 3 && slices.ContainsFunc(l, func(c channelView) bool { return c.Name == "offline" }) &&
+				return len(l) == 3 && slices.ContainsFunc(l, func(c channelView) bool { return c.Name == "kept" && c.Priority == 3 }) &&
+					slices.ContainsFunc(l, func(c channelView) bool { return c.Name == "offline" }) &&
 					slices.ContainsFunc(l, func(c channelView) bool { return c.Name == "offline-a" })
 			})
 		}
