@@ -2,10 +2,15 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -454,6 +460,9 @@ func TestReplicas(t *testing.T) {
 		t.Logf("replica started during the outage caught up %v after Redis returned", d)
 	})
 
+	t.Run("soak", func(t *testing.T) { replicaSoak(t, bin) })
+	t.Run("scaling", func(t *testing.T) { replicaScaling(t, bin) })
+
 	convergence.mu.Lock()
 	ds := slices.Clone(convergence.d)
 	convergence.mu.Unlock()
@@ -461,4 +470,284 @@ func TestReplicas(t *testing.T) {
 	if len(ds) > 0 {
 		t.Logf("convergence over %d waits: p50 %v, max %v", len(ds), ds[len(ds)/2], ds[len(ds)-1])
 	}
+}
+
+// balancer is the test's round-robin load balancer over replicas.
+func balancer(t *testing.T, ps []*replicaProc) *httptest.Server {
+	var next atomic.Uint64
+	targets := make([]*url.URL, len(ps))
+	for i, p := range ps {
+		targets[i], _ = url.Parse(p.URL)
+	}
+	lb := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(targets[next.Add(1)%uint64(len(targets))])
+		},
+		FlushInterval: -1,
+		Transport:     &http.Transport{MaxIdleConnsPerHost: 512},
+	}
+	srv := httptest.NewServer(lb)
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// replicaLogRows counts the request log rows in a stopped replica's database, by
+// status.
+func replicaLogRows(t *testing.T, p *replicaProc) map[int]int {
+	t.Helper()
+	s := storeAt(t, filepath.Join(p.dir, "ccload.db"))
+	rows, err := s.rdb.Query(`SELECT status, count(*) FROM logs GROUP BY status`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	out := map[int]int{}
+	for rows.Next() {
+		var st, n int
+		if err := rows.Scan(&st, &n); err != nil {
+			t.Fatal(err)
+		}
+		out[st] = n
+	}
+	return out
+}
+
+// replicaSoak: 3 replicas behind the round-robin balancer, 300 concurrent
+// clients, upstreams that fail at random before the first byte (529, 500,
+// resets) beside one that never does, and Redis restarted (empty) in the
+// middle. Every request is answered 200, and each has exactly one log row
+// across the three databases.
+func replicaSoak(t *testing.T, bin string) {
+	if testing.Short() {
+		t.Skip("300 clients on 3 processes")
+	}
+	r := startRedis(t, "")
+	var ps []*replicaProc
+	for _, name := range []string{"r1", "r2", "r3"} {
+		ps = append(ps, startReplica(t, bin, name, t.TempDir(), r.redisURL()))
+	}
+	tok := ps[0].login()
+	rng := newLockedRand(1)
+	for i := range 2 {
+		up := newFakeUpstream(t, "chaos"+strconv.Itoa(i))
+		up.noRecord.Store(true)
+		up.script(func(int, *http.Request) fakeBehavior {
+			switch rng.intn(6) {
+			case 0:
+				return fakeBehavior{Status: 529, ErrType: "overloaded_error"}
+			case 1:
+				return fakeBehavior{Status: 500, ErrType: "api_error"}
+			case 2:
+				return fakeBehavior{Reset: true}
+			}
+			return fakeBehavior{}
+		})
+		ps[0].create(tok, `{"name":"chaos`+strconv.Itoa(i)+`","url":"`+up.URL+`","api_key":"sk-chaos","models":"claude-soak","priority":10}`)
+	}
+	steady := newFakeUpstream(t, "steady")
+	steady.noRecord.Store(true)
+	ps[0].create(tok, `{"name":"steady","url":"`+steady.URL+`","api_key":"sk-steady","models":"claude-soak","priority":1}`)
+	for _, p := range ps {
+		until(t, p.name+" has the channels", 2*time.Second, func() bool { return len(p.channels(p.login())) == 3 })
+	}
+	lb := balancer(t, ps)
+
+	const clients, each = 300, 5
+	var (
+		wg      sync.WaitGroup
+		done    atomic.Int64
+		failed  atomic.Int64
+		restart sync.Once
+		firstMu sync.Mutex
+		first   []string
+	)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients}, Timeout: 60 * time.Second}
+	start := time.Now()
+	for c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				body := anthropicBody("claude-soak", (c+i)%2 == 0)
+				req, _ := http.NewRequest("POST", lb.URL+"/v1/messages", strings.NewReader(body))
+				req.Header.Set("Authorization", "Bearer "+replicaToken)
+				req.Header.Set("Anthropic-Version", "2023-06-01")
+				req.Header.Set("Content-Type", "application/json")
+				resp, err := client.Do(req)
+				st := 0
+				var b []byte
+				if err == nil {
+					b, _ = io.ReadAll(resp.Body)
+					resp.Body.Close()
+					st = resp.StatusCode
+				}
+				if st != 200 || bytes.Contains(b, []byte("event: error")) {
+					failed.Add(1)
+					firstMu.Lock()
+					if len(first) < 5 {
+						first = append(first, fmt.Sprintf("%d %v %.200s", st, err, b))
+					}
+					firstMu.Unlock()
+				}
+				if done.Add(1) == clients*each/2 {
+					restart.Do(func() { r.stop(); r.start() }) // mid-run, comes back empty
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if n := failed.Load(); n > 0 {
+		t.Errorf("%d of %d requests lost; first: %q", n, clients*each, first)
+	}
+	total := 0
+	for _, p := range ps {
+		p.stop() // flushes its log
+		rows := replicaLogRows(t, p)
+		n := 0
+		for _, c := range rows {
+			n += c
+		}
+		t.Logf("%s logged %d rows %v", p.name, n, rows)
+		total += n
+	}
+	if total != clients*each {
+		t.Errorf("%d log rows across the replicas for %d requests; want one each", total, clients*each)
+	}
+	t.Logf("soak: %d requests from %d clients in %v (%.0f req/s), Redis restarted mid-run", clients*each, clients, elapsed,
+		float64(clients*each)/elapsed.Seconds())
+}
+
+// lockedRand is a seeded random source safe for the upstreams' handlers.
+type lockedRand struct {
+	mu sync.Mutex
+	r  *rand.Rand
+}
+
+func newLockedRand(seed uint64) *lockedRand {
+	return &lockedRand{r: rand.New(rand.NewPCG(seed, seed))}
+}
+
+func (l *lockedRand) intn(n int) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.r.IntN(n)
+}
+
+// replicaScaling: two replicas behind the balancer serve at least 1.8× the
+// requests one does, each replica capped at 0.3 CPU by a cgroup v1 CPU
+// quota (cpu.cfs_quota_us 30000 per cpu.cfs_period_us 100000) or cgroup v2
+// cpu.max "30000 100000", so the replicas, not the load generator or the
+// machine's other work, are what the run measures. Needs root; runs only
+// with CCLOAD_SCALING=1. CCLOAD_SCALING_QUOTA sets another quota: on a
+// small or busy machine the load generator (this process: clients,
+// balancer, fake upstream) can saturate before two 0.3-CPU replicas do,
+// and the run then measures the generator.
+func replicaScaling(t *testing.T, bin string) {
+	if os.Getenv("CCLOAD_SCALING") == "" {
+		t.Skip("set CCLOAD_SCALING=1 (as root) to measure two replicas against one")
+	}
+	r := startRedis(t, "")
+	up := newFakeUpstream(t, "scale")
+	up.noRecord.Store(true)
+	a := startReplica(t, bin, "s1", t.TempDir(), r.redisURL())
+	b := startReplica(t, bin, "s2", t.TempDir(), r.redisURL())
+	tok := a.login()
+	a.create(tok, channelJSON("scale", up.URL, "claude-scale"))
+	until(t, "s2 has the channel", 2*time.Second, func() bool { return len(b.channels(b.login())) == 1 })
+	for _, p := range []*replicaProc{a, b} {
+		capCPU(t, p, scalingQuota(), 100000)
+	}
+	run := func(ps []*replicaProc) float64 {
+		lb := balancer(t, ps)
+		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+		defer client.CloseIdleConnections()
+		body := anthropicBody("claude-scale", false)
+		var n atomic.Int64
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		var wg sync.WaitGroup
+		for range 32 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for ctx.Err() == nil {
+					req, _ := http.NewRequestWithContext(ctx, "POST", lb.URL+"/v1/messages", strings.NewReader(body))
+					req.Header.Set("Authorization", "Bearer "+replicaToken)
+					req.Header.Set("Anthropic-Version", "2023-06-01")
+					resp, err := client.Do(req)
+					if err != nil {
+						continue
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode == 200 {
+						n.Add(1)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		return float64(n.Load()) / 5
+	}
+	one := run([]*replicaProc{a})
+	two := run([]*replicaProc{a, b})
+	t.Logf("scaling, each replica capped at %.2f CPU: one replica %.0f req/s, two %.0f req/s: %.2fx",
+		float64(scalingQuota())/100000, one, two, two/one)
+	if two < 1.8*one {
+		t.Errorf("two replicas serve %.2fx one; want at least 1.8x", two/one)
+	}
+}
+
+// capCPU puts the replica's process in a cgroup of its own with a CPU
+// quota, removed when the test ends.
+func capCPU(t *testing.T, p *replicaProc, quota, period int) {
+	t.Helper()
+	pid := strconv.Itoa(p.cmd.Process.Pid)
+	name := "ccload-test-" + p.name + "-" + pid
+	if v1 := "/sys/fs/cgroup/cpu"; dirExists(v1) {
+		dir := filepath.Join(v1, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatalf("cgroup v1: %v (run as root)", err)
+		}
+		t.Cleanup(func() {
+			// Back to the root group so the folder can go.
+			os.WriteFile(filepath.Join(v1, "cgroup.procs"), []byte(pid), 0o644)
+			os.Remove(dir)
+		})
+		for f, v := range map[string]string{"cpu.cfs_period_us": strconv.Itoa(period), "cpu.cfs_quota_us": strconv.Itoa(quota), "cgroup.procs": pid} {
+			if err := os.WriteFile(filepath.Join(dir, f), []byte(v), 0o644); err != nil {
+				t.Fatalf("cgroup v1 %s: %v", f, err)
+			}
+		}
+		return
+	}
+	dir := filepath.Join("/sys/fs/cgroup", name)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatalf("cgroup v2: %v (run as root)", err)
+	}
+	t.Cleanup(func() {
+		os.WriteFile("/sys/fs/cgroup/cgroup.procs", []byte(pid), 0o644)
+		os.Remove(dir)
+	})
+	if err := os.WriteFile(filepath.Join(dir, "cpu.max"), []byte(fmt.Sprintf("%d %d", quota, period)), 0o644); err != nil {
+		t.Fatalf("cgroup v2 cpu.max: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(pid), 0o644); err != nil {
+		t.Fatalf("cgroup v2 cgroup.procs: %v", err)
+	}
+}
+
+func dirExists(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.IsDir()
+}
+
+// scalingQuota is the CPU quota per replica in µs per 100 ms period:
+// CCLOAD_SCALING_QUOTA, default 30000 (0.3 CPU).
+func scalingQuota() int {
+	if n, err := strconv.Atoi(os.Getenv("CCLOAD_SCALING_QUOTA")); err == nil && n > 0 {
+		return n
+	}
+	return 30000
 }
