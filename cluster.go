@@ -134,7 +134,7 @@ func channelKind(s *Store, change func(ctx context.Context, write func() error) 
 				return err
 			}
 			c.ID = id
-			return s.putChannel(ctx, c)
+			return s.putChannelYielding(ctx, c)
 		},
 		change: change,
 	}
@@ -157,6 +157,30 @@ func (s *Store) putChannel(ctx context.Context, c Channel) error {
 		return channelWriteError(&c, err)
 	}
 	return nil
+}
+
+// putChannelYielding stores c; if another channel here has its name (two
+// replicas created the same name at once), the one with the higher id is
+// renamed "name (id)", on every replica alike, so they converge instead of
+// refusing each other's channel forever. The rename is then an edit like
+// any other and is pushed.
+func (s *Store) putChannelYielding(ctx context.Context, c Channel) error {
+	err := s.putChannel(ctx, c)
+	if !errors.Is(err, errDuplicate) {
+		return err
+	}
+	var other int64
+	if s.db.QueryRowContext(ctx, `SELECT id FROM channels WHERE name = ? AND id != ?`, c.Name, c.ID).Scan(&other) != nil {
+		return err
+	}
+	if c.ID > other {
+		c.Name = fmt.Sprintf("%s (%d)", c.Name, c.ID)
+		return s.putChannel(ctx, c)
+	}
+	if _, rerr := s.db.ExecContext(ctx, `UPDATE channels SET name = name || ? WHERE id = ?`, fmt.Sprintf(" (%d)", other), other); rerr != nil {
+		return errors.Join(err, rerr)
+	}
+	return s.putChannel(ctx, c)
 }
 
 // syncedItem is a cluster_items row: the form this replica last agreed with

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -64,6 +65,8 @@ func clusterPair(t *testing.T) (r *testRedis, sa, sb *Store, ma, mb *redisMirror
 	ma, _ = testMirror(t, sa, r.redisURL())
 	mb, logB = testMirror(t, sb, r.redisURL())
 	ma.replica, mb.replica = "a", "b"
+	sa.allocID = func(ctx context.Context) (int64, error) { return ma.newID(ctx, "channels", sa.maxChannelID(ctx)) }
+	sb.allocID = func(ctx context.Context) (int64, error) { return mb.newID(ctx, "channels", sb.maxChannelID(ctx)) }
 	for _, m := range []*redisMirror{ma, mb} {
 		if err := m.restoreOrSeed(context.Background()); err != nil {
 			t.Fatal(err)
@@ -151,8 +154,6 @@ func TestClusterConcurrentEdits(t *testing.T) {
 func TestClusterIDs(t *testing.T) {
 	r, sa, sb, ma, mb, _ := clusterPair(t)
 	ctx := context.Background()
-	sa.allocID = func(ctx context.Context) (int64, error) { return ma.newID(ctx, "channels", sa.maxChannelID(ctx)) }
-	sb.allocID = func(ctx context.Context) (int64, error) { return mb.newID(ctx, "channels", sb.maxChannelID(ctx)) }
 	// A database from before the cluster: its ids stay taken.
 	old := storeChannel("Old")
 	old.ID = 40
@@ -228,3 +229,35 @@ func TestClusterCatchUpAfterLongOutage(t *testing.T) {
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// TestClusterSameNameCreated: two replicas create a channel of the same
+// name before hearing of each other. Both channels survive on both, the
+// later id renamed "name (id)", and the replicas agree.
+func TestClusterSameNameCreated(t *testing.T) {
+	_, sa, sb, ma, mb, _ := clusterPair(t)
+	ctx := context.Background()
+	mustSync(t, ma, mb) // reserve ids
+	ca, cb := storeChannel("Same"), storeChannel("Same")
+	if err := sa.CreateChannel(ctx, &ca); err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.CreateChannel(ctx, &cb); err != nil {
+		t.Fatal(err)
+	}
+	if ca.ID == cb.ID {
+		t.Fatalf("both got id %d", ca.ID)
+	}
+	mustSync(t, ma, mb, ma, mb)
+	lo, hi := min(ca.ID, cb.ID), max(ca.ID, cb.ID)
+	want := map[int64]string{lo: "Same", hi: "Same (" + strconv.FormatInt(hi, 10) + ")"}
+	for name, s := range map[string]*Store{"A": sa, "B": sb} {
+		chs, _ := s.ListChannels(ctx)
+		got := map[int64]string{}
+		for _, c := range chs {
+			got[c.ID] = c.Name
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: %v; want %v", name, got, want)
+		}
+	}
+}
