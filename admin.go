@@ -33,6 +33,10 @@ type admin struct {
 	mirror  mirrorStatus // nil without Redis
 	now     func() time.Time
 
+	sessions sessionStore  // admin sessions: the store, or shared through Redis (cluster.go)
+	replica  string        // CCLOAD_REPLICA
+	replicas replicaLister // nil without Redis
+
 	mu sync.Mutex // serializes channel writes and the reload after each
 }
 
@@ -407,7 +411,7 @@ func (a *admin) handleHealthz() http.Handler {
 			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "database unavailable"})
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]string{"status": "ok", "version": version})
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok", "version": version, "replica": a.replica})
 	})
 }
 

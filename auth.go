@@ -309,7 +309,7 @@ func (a *admin) handleLogin() http.Handler {
 		a.limiter.forgive(ip)
 		tok := rand.Text() + rand.Text()
 		expires := a.now().Add(sessionTTL)
-		if err := a.store.CreateSession(r.Context(), tokenHash(tok), expires); err != nil {
+		if err := a.sessionStore().CreateSession(r.Context(), tokenHash(tok), expires); err != nil {
 			return fmt.Errorf("create session: %w", err)
 		}
 		http.SetCookie(w, &http.Cookie{
@@ -330,7 +330,7 @@ func isHTTPS(r *http.Request) bool {
 func (a *admin) handleLogout() http.Handler {
 	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
 		if tok, _ := sessionToken(r); tok != "" {
-			if err := a.store.DeleteSession(r.Context(), tokenHash(tok)); err != nil {
+			if err := a.sessionStore().DeleteSession(r.Context(), tokenHash(tok)); err != nil {
 				return err
 			}
 		}
@@ -350,7 +350,7 @@ func (a *admin) requireSession(next http.Handler) http.Handler {
 		if tok == "" {
 			return &apiError{http.StatusUnauthorized, "login required: POST /login, then send the cookie or Authorization: Bearer <token>"}
 		}
-		ok, err := a.store.SessionValid(r.Context(), tokenHash(tok))
+		ok, err := a.sessionStore().SessionValid(r.Context(), tokenHash(tok))
 		if err != nil {
 			return fmt.Errorf("check session: %w", err)
 		}

@@ -30,6 +30,7 @@ import (
 //
 //	go test -run '^$' -bench Overhead -benchtime 3s          # both cores
 //	go test -run '^$' -bench Overhead -benchtime 3s -cpu 1   # one core
+//	CCLOAD_BENCH_REDIS=1 go test -run '^$' -bench Overhead    # replicas' shared state on
 //
 // The figures are per request: p50 and p99 latency at concurrency 1,
 // throughput at concurrency 50, CPU time of the whole process per request
@@ -41,7 +42,14 @@ func BenchmarkOverhead(b *testing.B) {
 	up.noRecord.Store(true)
 	up.set(fakeBehavior{Deltas: 10, Text: "token "})
 
-	e := newTestEnv(b)
+	// CCLOAD_BENCH_REDIS=1: with several replicas' shared state on (a real
+	// redis-server; README "Several replicas").
+	var opts []func(*config)
+	if os.Getenv("CCLOAD_BENCH_REDIS") != "" {
+		r := startRedis(b, "")
+		opts = append(opts, func(c *config) { c.RedisURL = r.redisURL() })
+	}
+	e := newTestEnv(b, opts...)
 	e.addChannel(Channel{Name: "bench", URL: up.URL, APIKeys: []string{"sk-bench-upstream-key"}})
 
 	target, _ := url.Parse(up.URL)

@@ -327,6 +327,10 @@ type cooldowns struct {
 	// change of URL or keys), so a batch taken before a clear can never be
 	// written after it and bring the cooldown back on the next start.
 	writeMu sync.Mutex
+
+	// announce, if set, tells the other replicas of a change (cluster.go:
+	// redisMirror.announce); it never blocks. all: every scope cleared.
+	announce func(r cooldownRecord, all bool)
 }
 
 type cooldownKey struct {
@@ -551,6 +555,15 @@ func (c *cooldowns) succeed(h *channelHealth, keyIndex int, model string) {
 // clearAll lifts every cooldown of the channel (admin action). The caller
 // deletes the stored rows, inside exclusive, so nothing is queued.
 func (c *cooldowns) clearAll(h *channelHealth) {
+	c.resetAll(h)
+	if c.announce != nil {
+		c.announce(cooldownRecord{ChannelID: h.id, KeyIndex: -1}, true)
+	}
+}
+
+// resetAll is clearAll without telling the other replicas (it is how their
+// clear is applied here).
+func (c *cooldowns) resetAll(h *channelHealth) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	reset := func(s *coolSlot) {
@@ -569,7 +582,15 @@ func (c *cooldowns) clearAll(h *channelHealth) {
 	c.dropPending(h.id)
 }
 
+// persist queues a change for the database and tells the other replicas.
 func (c *cooldowns) persist(k cooldownKey, r cooldownRecord) {
+	c.queue(k, r)
+	if c.announce != nil {
+		c.announce(r, false)
+	}
+}
+
+func (c *cooldowns) queue(k cooldownKey, r cooldownRecord) {
 	c.pendingMu.Lock()
 	c.pending[k] = r
 	c.pendingMu.Unlock()

@@ -468,6 +468,9 @@ func (s *Store) ImportChannels(ctx context.Context, f *importFile) (importResult
 		return boolInt(a.ID == 0) - boolInt(b.ID == 0)
 	})
 	for i := range plan.creates {
+		if err := s.assignID(ctx, &plan.creates[i]); err != nil {
+			return importResult{}, err
+		}
 		if err := insertChannel(ctx, tx, &plan.creates[i], now); err != nil {
 			return importResult{}, err
 		}

@@ -57,6 +57,7 @@ type config struct {
 	LogDays         int
 	ShutdownTimeout time.Duration
 	LogLevel        slog.Level
+	Replica         string // CCLOAD_REPLICA: this replica's id, default the host name
 	relayConfig
 }
 
@@ -69,6 +70,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 		RedisURL:        strings.TrimSpace(getenv("REDIS_URL")),
 		LogDays:         7,
 		ShutdownTimeout: 60 * time.Second,
+		Replica:         strings.TrimSpace(getenv("CCLOAD_REPLICA")),
+	}
+	if c.Replica == "" {
+		c.Replica, _ = os.Hostname()
 	}
 	var errs []error
 	if v := getenv("PORT"); v != "" {
@@ -307,6 +312,10 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		}
 		// Every committed channel change wakes the mirror's writer.
 		store.onChange = a.mirror.notify
+		a.mirror.replica = cfg.Replica
+		store.allocID = func(ctx context.Context) (int64, error) {
+			return a.mirror.newID(ctx, "channels", store.maxChannelID(ctx))
+		}
 		// A failure is logged by the mirror, once, and retried by its
 		// writer; start-up goes on with the database.
 		a.mirror.restoreOrSeed(ctx)
@@ -330,8 +339,15 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	auth := newClientAuth(cfg.AuthTokens)
 	a.relay = newRelay(cfg.relayConfig, a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,
-		limiter: newLoginLimiter(time.Now), now: time.Now}
+		limiter: newLoginLimiter(time.Now), now: time.Now, sessions: store, replica: cfg.Replica}
 	if a.mirror != nil {
+		// Shared with the other replicas (cluster.go): channels through the
+		// admin's own write path, cooldowns, sessions.
+		a.mirror.kinds = []*configKind{channelKind(store, a.admin.changeChannels)}
+		a.mirror.cool = a.cool
+		a.cool.announce = a.mirror.announce
+		a.admin.sessions = clusterSessions{local: store, client: a.mirror.client, now: time.Now}
+		a.admin.replicas = a.mirror
 		// A restore that happens late (Redis was down at start) reloads
 		// the proxy like any other change.
 		a.admin.mirror = a.mirror
@@ -347,7 +363,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	a.bgCancel, a.bgDone = cancel, make(chan struct{})
 	go func() {
 		defer close(a.bgDone)
-		done := make(chan struct{}, 3)
+		done := make(chan struct{}, 5)
 		go func() { a.cool.persistLoop(bg, store); done <- struct{}{} }()
 		n := 1
 		if cfg.LogDays > 0 {
@@ -357,6 +373,9 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		if a.mirror != nil {
 			n++
 			go func() { a.mirror.run(bg); done <- struct{}{} }()
+			n += 2
+			go func() { a.mirror.watch(bg); done <- struct{}{} }()
+			go func() { a.mirror.publishHealth(bg); done <- struct{}{} }()
 		}
 		for range n {
 			<-done
@@ -385,7 +404,11 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 
 	mux.Handle("GET /healthz", ad.handleHealthz())
 	mux.Handle("GET /public/summary", ad.handleSummary())
-	mux.Handle("GET /metrics", handleMetrics(metricsSource{m: a.metrics, sel: a.sel, logs: a.logs, now: time.Now}, auth))
+	ms := metricsSource{m: a.metrics, sel: a.sel, logs: a.logs, now: time.Now}
+	if a.mirror != nil {
+		ms.replica = a.cfg.Replica
+	}
+	mux.Handle("GET /metrics", handleMetrics(ms, auth))
 
 	mux.Handle("POST /login", ad.handleLogin())
 	mux.Handle("POST /logout", ad.handleLogout())
@@ -406,6 +429,7 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("POST /admin/channels/import", ad.handleImportChannels())
 	admin("GET /admin/summary", ad.handleSummary())
 	admin("GET /admin/redis", ad.handleRedisStatus())
+	admin("GET /admin/replicas", ad.handleReplicas())
 	admin("GET /admin/logs", ad.handleLogs())
 	admin("GET /admin/stats", ad.handleStats())
 	admin("GET /admin/trends", ad.handleTrends())

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"cmp"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"strconv"
@@ -81,6 +82,9 @@ type metricsSource struct {
 	sel  *selector
 	logs *logWriter
 	now  func() time.Time
+	// replica, when set (several replicas share Redis), labels every
+	// series, so that a sum across replicas keeps them apart.
+	replica string
 }
 
 func (src metricsSource) write(w *bufio.Writer) {
@@ -192,7 +196,11 @@ func handleMetrics(src metricsSource, auth *clientAuth) http.Handler {
 			}
 		}
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		bw := bufio.NewWriter(w)
+		var out io.Writer = w
+		if src.replica != "" {
+			out = &replicaLabeler{w: w, label: `replica=` + promQuote(src.replica)}
+		}
+		bw := bufio.NewWriter(out)
 		src.write(bw)
 		bw.Flush()
 	})

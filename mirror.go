@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -19,7 +21,9 @@ import (
 // The Redis mirror (README "Redis"):
 // after every channel change the whole channel set, keys included, is
 // written to one Redis key, so that a container that lost its disk can
-// restore itself on the next start.
+// restore itself on the next start. The same writer shares the
+// configuration between replicas, item by item (cluster.go): for a single
+// replica that is the backup, for several it is how they agree.
 
 const (
 	mirrorKey     = "ccload:channels"
@@ -43,8 +47,12 @@ type redisMirror struct {
 	addr    string   // host:port, for messages
 	secrets []string // the credentials in REDIS_URL, scrubbed from every message
 	kick    chan struct{}
-	now     func() time.Time
-	log     *slog.Logger
+	// back is signalled by the watcher when Redis answers again during an
+	// outage: the writer drops its backoff, so a long outage does not
+	// delay the catch-up by up to retryMax.
+	back chan struct{}
+	now  func() time.Time
+	log  *slog.Logger
 
 	// retryMin and retryMax bound the backoff between attempts while Redis
 	// is unreachable. Set before run.
@@ -53,6 +61,18 @@ type redisMirror struct {
 	// onRestore reloads the proxy after a restore that happened late (Redis
 	// was down at start and came back while the database was still empty).
 	onRestore func()
+
+	// The cluster (cluster.go). Set before run.
+	replica string        // this replica's id (CCLOAD_REPLICA)
+	started time.Time     // when this process started, for the replicas list
+	kinds   []*configKind // the shared config kinds, reconciled in order
+	cool    *cooldowns    // remote cooldown changes are applied here; nil: ignored
+	// healthOut queues local cooldown changes for publishHealth; a full
+	// queue drops (healthDropped counts) rather than block the hot path.
+	healthOut     chan healthMsg
+	healthDropped atomic.Int64
+	seen          atomic.Int64 // the config version the last reconcile covered
+	idMu          sync.Mutex   // serializes taking ids from the reserved block
 
 	mu        sync.Mutex // guards the fields below
 	startSync bool       // the start-up restore-or-push has happened
@@ -81,7 +101,9 @@ func newRedisMirror(rawURL string, s *Store) (*redisMirror, error) {
 	opt.DialTimeout = 3 * time.Second
 	opt.ReadTimeout = 3 * time.Second
 	opt.WriteTimeout = 3 * time.Second
-	opt.PoolSize = 2
+	// The writer, the watcher's poll and heartbeat, the health publisher
+	// and session checks; pub/sub has its own connection.
+	opt.PoolSize = 6
 	// One dial per attempt: the mirror's own backoff spaces the attempts,
 	// and go-redis's five quick redials only made each failure slower.
 	opt.DialerRetries = 1
@@ -93,10 +115,13 @@ func newRedisMirror(rawURL string, s *Store) (*redisMirror, error) {
 	redis.SetLogger(redisLogger{secrets})
 	m := &redisMirror{
 		client: redis.NewClient(opt), store: s, addr: opt.Addr, secrets: secrets,
-		kick: make(chan struct{}, 1), now: time.Now, log: slog.Default(),
+		kick: make(chan struct{}, 1), back: make(chan struct{}, 1), now: time.Now, log: slog.Default(),
 		retryMin: time.Second, retryMax: 30 * time.Second,
 		progress: make(chan struct{}),
+		started:  time.Now(), healthOut: make(chan healthMsg, 1024),
 	}
+	m.replica, _ = os.Hostname()
+	m.kinds = []*configKind{channelKind(s, nil)}
 	return m, nil
 }
 
@@ -253,6 +278,9 @@ func (m *redisMirror) run(ctx context.Context) {
 				continue
 			}
 		case <-timer.C:
+		case <-m.back:
+			timer.Stop()
+			retry = 0
 		}
 		if err := m.sync(ctx); err != nil {
 			if ctx.Err() != nil {
@@ -297,6 +325,31 @@ func (m *redisMirror) sync(ctx context.Context) error {
 		if m.onRestore != nil {
 			m.onRestore()
 		}
+	}
+	// The version is read before the items, so a change after it moves
+	// the version again and is caught by the next run.
+	vctx, vcancel := context.WithTimeout(ctx, 5*time.Second)
+	ver, err := m.client.Get(vctx, cfgVersionKey).Int64()
+	vcancel()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return fmt.Errorf("read version: %w", err)
+	}
+	for _, k := range m.kinds {
+		// A lost compare-and-set means another replica wrote the same
+		// item meanwhile: go round again with its revision.
+		for range 5 {
+			_, again, err := m.reconcile(ctx, k)
+			if err != nil {
+				return fmt.Errorf("share %s: %w", k.name, err)
+			}
+			if !again {
+				break
+			}
+		}
+	}
+	m.seen.Store(ver)
+	if err := m.reserveIDs(ctx, "channels", m.store.maxChannelID(ctx)); err != nil {
+		return err
 	}
 	// gen was read before this read of the database, so the write below
 	// covers every change counted in it.
@@ -345,7 +398,7 @@ func (m *redisMirror) Status() map[string]any {
 	defer m.mu.Unlock()
 	st := map[string]any{"enabled": true, "ok": !m.down && m.startSync, "addr": m.addr,
 		"last_error": m.lastErr, "channels": m.lastCount, "restored_at_start": m.restored,
-		"pending": m.wanted > m.written}
+		"pending": m.wanted > m.written, "replica": m.replica, "health_dropped": m.healthDropped.Load()}
 	st["last_sync"] = nil
 	if !m.lastSyncAt.IsZero() {
 		st["last_sync"] = m.lastSyncAt.UTC()

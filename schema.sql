@@ -120,3 +120,16 @@ ALTER TABLE logs ADD COLUMN session TEXT NOT NULL DEFAULT '';
 ALTER TABLE logs ADD COLUMN affinity TEXT NOT NULL DEFAULT '';
 ALTER TABLE logs ADD COLUMN cost_usd REAL;
 ALTER TABLE logs ADD COLUMN tries TEXT NOT NULL DEFAULT '';
+
+-- version 5
+-- Several replicas (cluster.go): for each shared config item, the form this
+-- replica last agreed with Redis on (NULL: deleted) and its revision there.
+-- A local item that differs from its row was edited here and is pushed; a
+-- different revision in Redis is pulled.
+CREATE TABLE cluster_items (
+	kind TEXT NOT NULL,
+	id   INTEGER NOT NULL,
+	rev  INTEGER NOT NULL,
+	data TEXT,
+	PRIMARY KEY (kind, id)
+) WITHOUT ROWID;

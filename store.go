@@ -40,6 +40,11 @@ type Store struct {
 	// channel set (the Redis mirror hooks in here).
 	onChange func()
 
+	// allocID, if set, gives a new channel its id: with several replicas
+	// ids come from Redis so that no two replicas hand out the same one
+	// (cluster.go). Unset, SQLite assigns them.
+	allocID func(ctx context.Context) (int64, error)
+
 	stmts logStmts
 }
 
@@ -214,6 +219,9 @@ func nonNil(s []string) []string {
 // CreateChannel inserts c and sets its ID and times. A name already in use
 // gives errDuplicate.
 func (s *Store) CreateChannel(ctx context.Context, c *Channel) error {
+	if err := s.assignID(ctx, c); err != nil {
+		return err
+	}
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
@@ -226,6 +234,19 @@ func (s *Store) CreateChannel(ctx context.Context, c *Channel) error {
 		return err
 	}
 	s.changed()
+	return nil
+}
+
+// assignID gives c an id from allocID when it has none.
+func (s *Store) assignID(ctx context.Context, c *Channel) error {
+	if c.ID != 0 || s.allocID == nil {
+		return nil
+	}
+	id, err := s.allocID(ctx)
+	if err != nil {
+		return fmt.Errorf("allocate an id for %q: %w", c.Name, err)
+	}
+	c.ID = id
 	return nil
 }
 

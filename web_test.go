@@ -867,6 +867,11 @@ func testBrowserRedis(t *testing.T, bctx context.Context) {
 	if s := b.text("#redis-status"); !strings.Contains(s, "in sync") || !strings.Contains(s, "127.0.0.1:") {
 		t.Errorf("redis line = %q; want in sync and the address", s)
 	}
+	// The replicas line: this replica, alive, from its own heartbeat.
+	b.waitJS("replicas listed", `document.querySelector('#replicas .badge.ok[data-replica]') !== null`)
+	if s := b.text("#replicas"); !strings.Contains(s, e.cfg.Replica) || !strings.Contains(s, "this one") {
+		t.Errorf("replicas line = %q; want %q (this one)", s, e.cfg.Replica)
+	}
 
 	// Redis goes away; the next change cannot be written.
 	r.stop()

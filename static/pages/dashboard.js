@@ -17,6 +17,7 @@ export function render(root, ctx) {
   const tokChart = h('div', { class: 'chart-slot', id: 'token-chart' });
   const health = h('div', { id: 'health' });
   const redis = h('p', { class: 'redis-line', id: 'redis-status' });
+  const replicas = h('p', { class: 'redis-line', id: 'replicas' });
   const sortState = { key: 'priority', dir: 'desc' };
   const stops = [];
   ctx.signal.addEventListener('abort', () => stops.forEach((f) => f()));
@@ -44,6 +45,7 @@ export function render(root, ctx) {
         h('a', { href: '#/channels', class: 'small' }, t('dash.manage'))),
       health),
     redis,
+    replicas,
   );
 
   function card(label, value, sub, kind) {
@@ -140,6 +142,19 @@ export function render(root, ctx) {
     if (r.addr) redis.append(' · ', h('code', {}, r.addr));
   }
 
+  // This replica, and with Redis every replica whose heartbeat it sees.
+  function drawReplicas(r) {
+    replicas.replaceChildren(h('span', { class: 'redis-label' }, t('replicas.title')), ' ');
+    (r.replicas || []).forEach((p, i) => {
+      if (i) replicas.append(' ');
+      const badge = p.alive ? 'ok' : 'off';
+      replicas.append(h('span', { class: `badge ${badge} replica`, 'data-replica': p.replica, title: p.alive ? t('replicas.alive') : t('replicas.gone', { ago: fmtAgo(p.seen) }) },
+        h('span', { class: 'dot' }), p.replica, p.self ? ` (${t('replicas.self')})` : ''));
+    });
+    if (!r.shared) replicas.append(' ', h('span', { class: 'muted small' }, t('replicas.alone')));
+    if (r.error) replicas.append(' ', h('span', { class: 'reason' }, t('replicas.unknown')));
+  }
+
   let loading = false;
   async function load() {
     if (loading) return;
@@ -147,14 +162,16 @@ export function render(root, ctx) {
     refreshBtn.disabled = true;
     try {
       const opts = { signal: ctx.signal };
-      const [s, tr, chs, r] = await Promise.all([
+      const [s, tr, chs, r, reps] = await Promise.all([
         get('/admin/summary', opts), get('/admin/trends?hours=24', opts), get('/admin/channels', opts), get('/admin/redis', opts),
+        get('/admin/replicas', opts),
       ]);
       if (ctx.signal.aborted) return;
       drawSummary(s);
       drawTrends(tr);
       drawHealth(chs);
       drawRedis(r);
+      drawReplicas(reps);
       showError(err, null);
       updated.textContent = t('common.updatedAt', { time: fmtTime(new Date().toISOString()) });
     } catch (e) {
