@@ -601,3 +601,73 @@ func TestAffinityMetrics(t *testing.T) {
 		}
 	}
 }
+
+// TestAffinityCacheSavings runs one 20-turn conversation over three equal
+// channels whose upstreams cache prompts (fakeBehavior.PromptCache), with
+// affinity on and off, and straight to one upstream, and compares the
+// cache hit ratio (cache read / all input) and the input cost (fresh 1,
+// cache write 1.25, cache read 0.1). Between turns the upstreams' clock
+// moves on by the time a user or agent takes for a turn.
+func TestAffinityCacheSavings(t *testing.T) {
+	const turns = 20
+	type tally struct{ in, read, write int64 }
+	ratio := func(u tally) float64 { return float64(u.read) / float64(u.in+u.read+u.write) }
+	cost := func(u tally) float64 { return float64(u.in) + 1.25*float64(u.write) + 0.1*float64(u.read) }
+	for _, gap := range []time.Duration{30 * time.Second, 2 * time.Minute} {
+		t.Run(fmt.Sprint("turn every ", gap), func(t *testing.T) {
+			clk := &testClock{t: time.Now()}
+			cached := func(name string) *fakeUpstream {
+				u := newFakeUpstream(t, name)
+				u.set(fakeBehavior{PromptCache: true})
+				u.clock = clk.now
+				return u
+			}
+			// Straight to one upstream.
+			var direct tally
+			up := cached("direct")
+			for n := 1; n <= turns; n++ {
+				resp, err := http.Post(up.URL+"/v1/messages", "application/json", strings.NewReader(ccTurn(n, "savings", "")))
+				if err != nil {
+					t.Fatal(err)
+				}
+				var body struct {
+					Usage struct {
+						In    int64 `json:"input_tokens"`
+						Read  int64 `json:"cache_read_input_tokens"`
+						Write int64 `json:"cache_creation_input_tokens"`
+					}
+				}
+				json.NewDecoder(resp.Body).Decode(&body)
+				resp.Body.Close()
+				direct.in, direct.read, direct.write = direct.in+body.Usage.In, direct.read+body.Usage.Read, direct.write+body.Usage.Write
+				clk.advance(gap)
+			}
+			through := func(off bool) tally {
+				e := newTestEnv(t, func(c *config) { c.Affinity.Off = off })
+				for _, n := range []string{"a", "b", "c"} {
+					e.addChannel(Channel{Name: n, URL: cached(n).URL})
+				}
+				for n := 1; n <= turns; n++ {
+					sessionTurn(t, e, "savings", n)
+					clk.advance(gap)
+				}
+				var u tally
+				for _, r := range e.logs() {
+					u.in, u.read, u.write = u.in+r.InputTokens, u.read+r.CacheRead, u.write+r.CacheWrite
+				}
+				return u
+			}
+			on, off := through(false), through(true)
+			t.Logf("%d turns, one every %s: cache hit ratio direct %.3f, affinity on %.3f (%.2f of direct), off %.3f (%.2f of direct); "+
+				"input cost vs direct: on %.2fx, off %.2fx",
+				turns, gap, ratio(direct), ratio(on), ratio(on)/ratio(direct), ratio(off), ratio(off)/ratio(direct),
+				cost(on)/cost(direct), cost(off)/cost(direct))
+			if ratio(on) < 0.95*ratio(direct) {
+				t.Errorf("affinity on: cache hit ratio %.3f; want at least 0.95 of direct's %.3f", ratio(on), ratio(direct))
+			}
+			if ratio(off) > 0.9*ratio(on) {
+				t.Errorf("affinity off: cache hit ratio %.3f; want well below on's %.3f", ratio(off), ratio(on))
+			}
+		})
+	}
+}
