@@ -671,3 +671,18 @@ func TestAffinityCacheSavings(t *testing.T) {
 		})
 	}
 }
+
+// TestClaudeCodeBodySession: the benchmark's Claude-Code-shaped body is
+// valid and names its session in metadata.user_id, so the benchmark runs
+// the path a real Claude Code request takes.
+func TestClaudeCodeBodySession(t *testing.T) {
+	body := claudeCodeBody(200 << 10)
+	info, err := inspectBody(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, ok := sessionOf(http.Header{}, protoAnthropic, body, &info)
+	if want := hashID("9b1c4e2a-7d3f-4e8a-b6c5-0a1b2c3d4e5f"); !ok || got != want || len(body) < 190<<10 || len(body) > 210<<10 {
+		t.Errorf("%d-byte body: session %x, %v; want %x", len(body), got, ok, want)
+	}
+}
