@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"hash/maphash"
 	"net/http"
 	"runtime"
 	"strings"
@@ -684,5 +686,39 @@ func TestClaudeCodeBodySession(t *testing.T) {
 	got, ok := sessionOf(http.Header{}, protoAnthropic, body, &info)
 	if want := hashID("9b1c4e2a-7d3f-4e8a-b6c5-0a1b2c3d4e5f"); !ok || got != want || len(body) < 190<<10 || len(body) > 210<<10 {
 		t.Errorf("%d-byte body: session %x, %v; want %x", len(body), got, ok, want)
+	}
+}
+
+// BenchmarkAffinity is what affinity adds to one request of a 200 KiB
+// Claude Code body: finding the session (from metadata.user_id, or else
+// hashing the leading conversation), the lookup at admission and the bind
+// when it is logged. The body scan itself is BenchmarkInspectBody's.
+func BenchmarkAffinity(b *testing.B) {
+	withID := claudeCodeBody(200 << 10)
+	i := bytes.LastIndex(withID, []byte(`,"metadata"`))
+	noID := append(append([]byte{}, withID[:i]...), '}')
+	for _, c := range []struct {
+		name string
+		body []byte
+	}{{"metadata", withID}, {"fallback-hash", noID}} {
+		b.Run(c.name, func(b *testing.B) {
+			info, err := inspectBody(c.body)
+			if err != nil {
+				b.Fatal(err)
+			}
+			a := newAffinity(affinityConfig{})
+			h := http.Header{}
+			now := time.Now()
+			b.ReportAllocs()
+			for b.Loop() {
+				id, ok := sessionOf(h, protoAnthropic, c.body, &info)
+				if !ok {
+					b.Fatal("no session")
+				}
+				k := maphash.Comparable(a.seed, sessionScope{"local", protoAnthropic, id})
+				a.table.lookup(k, now.UnixNano())
+				a.table.bind(k, 1, 0, now.UnixNano())
+			}
+		})
 	}
 }
