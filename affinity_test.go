@@ -657,6 +657,29 @@ func TestAffinityCacheSavings(t *testing.T) {
 				for _, r := range e.logs() {
 					u.in, u.read, u.write = u.in+r.InputTokens, u.read+r.CacheRead, u.write+r.CacheWrite
 				}
+				// What the admin sees: the ratio per channel, and the
+				// cache tokens in the hourly trend.
+				tok := e.login()
+				var st stats
+				_, body := e.admin(tok, "GET", "/admin/stats?hours=24", "")
+				json.Unmarshal(body, &st)
+				var sum tally
+				for _, r := range st.Channels {
+					sum.in, sum.read, sum.write = sum.in+r.InputTokens, sum.read+r.CacheReadTokens, sum.write+r.CacheWriteToks
+					if want := cacheHitRatio(r.InputTokens, r.CacheReadTokens, r.CacheWriteToks); r.CacheHitRatio != want || (!off && want != ratio(u)) {
+						t.Errorf("stats: channel %s cache_hit_ratio %v; want %v (log rows: %v)", *r.ChannelName, r.CacheHitRatio, want, ratio(u))
+					}
+				}
+				var tr struct{ Buckets []trendBucket }
+				_, body = e.admin(tok, "GET", "/admin/trends?hours=24", "")
+				json.Unmarshal(body, &tr)
+				var trRead, trWrite int64
+				for _, b := range tr.Buckets {
+					trRead, trWrite = trRead+b.CacheRead, trWrite+b.CacheWrite
+				}
+				if sum != u || trRead != u.read || trWrite != u.write {
+					t.Errorf("stats sum %+v, trends read %d write %d; want the log's %+v", sum, trRead, trWrite, u)
+				}
 				return u
 			}
 			on, off := through(false), through(true)
