@@ -984,6 +984,9 @@ func testBrowserLogs(t *testing.T, bctx context.Context) {
 	b.do("stats window", chromedp.SetValue(chromedp.CSS("#stats-hours"), "1"), chromedp.Evaluate[chromedp.Void](
 		`document.querySelector('#stats-hours').dispatchEvent(new Event('change'))`))
 	b.waitJS("1-hour window", `location.hash === '#/stats?hours=1' && !!document.querySelector('#stats-model-table tr[data-model="claude-logs-model"]') && !document.querySelector('#stats-model-table tr[data-model="claude-bulk"]')`)
+	// The dashboard gives the 24-hour cache hit ratio beside the token chart.
+	b.route("#/dashboard", "#token-chart svg")
+	b.waitJS("cache hit ratio", `/^cache hit ratio \d+(\.\d)?%$/.test(document.querySelector('#dash-cache-hit').textContent)`)
 
 	// A request that failed over shows every try, in order, in its detail.
 	bad := newFakeUpstream(t, "bad")
