@@ -137,14 +137,18 @@ var (
 	sep        = []byte{0}
 )
 
-// hashID is a session id's stable 64-bit digest: two CRC-32s, both done
-// in hardware, so a log's session is the same across restarts.
+// hashID is a session id's stable 64-bit digest (FNV-1a), so a log's
+// session is the same across restarts. It reads the string in place: ids
+// are short, and handing one to hash/crc32 would copy it to the heap.
 func hashID(v string) uint64 {
 	if len(v) > maxSessionID {
 		v = v[:maxSessionID]
 	}
-	b := []byte(v) // does not escape: no allocation
-	return uint64(crc32.Checksum(b, castagnoli))<<32 | uint64(crc32.ChecksumIEEE(b)) | 1
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(v); i++ {
+		h = (h ^ uint64(v[i])) * 1099511628211
+	}
+	return h | 1
 }
 
 // userSession is the session in metadata.user_id: its session_id when it
@@ -269,9 +273,15 @@ func newAffinity(cfg affinityConfig) *affinity {
 	return a
 }
 
+// sessionScope is what one binding is for. The model is part of it: a
+// prompt cache is per model, and Claude Code sends its side requests (a
+// small model titling the conversation, say) with the same session id;
+// were they one binding, each would pull the main conversation away from
+// its cache.
 type sessionScope struct {
 	token   string
 	proto   protocol
+	model   string
 	session uint64
 }
 
@@ -292,7 +302,7 @@ func (a *affinity) route(x *exchange, h http.Header, now time.Time) {
 		return
 	}
 	s.session = id
-	s.scoped = maphash.Comparable(a.seed, sessionScope{x.token, x.proto, id})
+	s.scoped = maphash.Comparable(a.seed, sessionScope{x.token, x.proto, x.model, id})
 	ch, k, ok := a.table.lookup(s.scoped, now.UnixNano())
 	if !ok {
 		return

@@ -738,10 +738,48 @@ func BenchmarkAffinity(b *testing.B) {
 				if !ok {
 					b.Fatal("no session")
 				}
-				k := maphash.Comparable(a.seed, sessionScope{"local", protoAnthropic, id})
+				k := maphash.Comparable(a.seed, sessionScope{"local", protoAnthropic, "claude-sonnet-4-5", id})
 				a.table.lookup(k, now.UnixNano())
 				a.table.bind(k, 1, 0, now.UnixNano())
 			}
 		})
+	}
+}
+
+// TestAffinitySideRequests: Claude Code sends side requests on a small
+// model with the conversation's session id. They get a binding of their
+// own (a prompt cache is per model) and never pull the main conversation
+// off its channel.
+func TestAffinitySideRequests(t *testing.T) {
+	e := newTestEnv(t)
+	for _, n := range []string{"a", "b"} {
+		e.addChannel(Channel{Name: n, URL: newFakeUpstream(t, n).URL})
+	}
+	// The small model has a channel of its own, tried first.
+	e.addChannel(Channel{Name: "small", URL: newFakeUpstream(t, "small").URL, Priority: 10, Models: []string{"claude-haiku-4-5"}})
+	hdr := map[string]string{"Anthropic-Version": "2023-06-01", "X-Claude-Code-Session-Id": "main"}
+	for n := 1; n <= 4; n++ {
+		sessionTurn(t, e, "main", n)
+		side := strings.Replace(ccTurn(1, "title this", ""), "claude-sonnet-4-5", "claude-haiku-4-5", 1)
+		if resp, body := e.do("POST", "/v1/messages", side, hdr); resp.StatusCode != 200 {
+			t.Fatalf("side request: %d %s", resp.StatusCode, body)
+		}
+	}
+	var main, side []string
+	for _, r := range e.logs() {
+		v := r.ChannelName + "/" + r.Affinity
+		if r.Model == "claude-haiku-4-5" {
+			side = append(side, v)
+		} else {
+			main = append(main, v)
+		}
+	}
+	ch := strings.TrimSuffix(main[0], "/new")
+	if want := []string{ch + "/new", ch + "/hit", ch + "/hit", ch + "/hit"}; strings.Join(main, " ") != strings.Join(want, " ") {
+		t.Errorf("main conversation %v; want %v", main, want)
+	}
+	sch := strings.TrimSuffix(side[0], "/new")
+	if want := []string{sch + "/new", sch + "/hit", sch + "/hit", sch + "/hit"}; strings.Join(side, " ") != strings.Join(want, " ") {
+		t.Errorf("side requests %v; want %v", side, want)
 	}
 }
