@@ -190,6 +190,7 @@ func retryAfter(h http.Header, status int, now time.Time) time.Duration {
 // a lock; everything else is guarded by the owning channelHealth.mu.
 type coolSlot struct {
 	until    atomic.Int64 // UnixNano; 0 when the scope has no failure on record
+	trial    atomic.Int64 // UnixNano until which one request's trial of an expired cooldown holds; see claimTrial
 	failures int
 	lastFail int64 // UnixNano of the last failure counted in failures
 	reason   string
@@ -200,6 +201,43 @@ type coolSlot struct {
 func (s *coolSlot) cooling(now int64) bool {
 	u := s.until.Load()
 	return u != 0 && u > now
+}
+
+// trialHold bounds how long one request's trial of an expired cooldown keeps
+// the others off the channel. The trial normally ends much sooner, when its
+// attempt is judged (a failure cools again, a success clears); the hold
+// only matters when the trying request vanishes without a verdict (its
+// client went away), and must not stall the channel for long then.
+const trialHold = 5 * time.Second
+
+// claimTrial reports whether a request that planned the slot's scope may
+// try it now, or should put it after every other candidate. A cooldown that
+// has run out stays on record until a success clears it; until then the
+// scope is on trial: one request at a time tries it. Without this, each
+// request in flight when a dead channel's cooldown ends tries it before its
+// next failure is judged, and a steadily failing channel takes a share of
+// attempts that grows with the load. A scope that began cooling after the
+// request planned it (the trial failed meanwhile) is put last too. The
+// plan's last resort, cooling by definition, does not ask.
+func (s *coolSlot) claimTrial(now int64) bool {
+	u := s.until.Load()
+	switch {
+	case u == 0:
+		return true
+	case u > now:
+		return false
+	}
+	t := s.trial.Load()
+	return t <= now && s.trial.CompareAndSwap(t, now+int64(trialHold))
+}
+
+// claimTrial is coolSlot.claimTrial for the channel and the model: whether a
+// request may try the channel for model now, or should put it last.
+func (h *channelHealth) claimTrial(model string, now int64) bool {
+	if s := h.modelSlot(model); s != nil && !s.claimTrial(now) {
+		return false
+	}
+	return h.ch.claimTrial(now)
 }
 
 // channelHealth is the mutable health of one channel. It lives apart from
@@ -455,6 +493,7 @@ func (c *cooldowns) fail(h *channelHealth, keyIndex int, model string, v verdict
 	}
 	s.reason, s.status = v.reason, v.status
 	s.until.Store(until.UnixNano())
+	s.trial.Store(0) // the trial, if this was one, has its verdict
 	rec := cooldownRecord{ChannelID: h.id, KeyIndex: key.keyIndex, Model: key.model,
 		Until: until, Failures: s.failures, Reason: s.reason, Status: s.status}
 	// Queued under h.mu, so a retirement (see sync) orders against it.

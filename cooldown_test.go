@@ -329,3 +329,53 @@ func TestJudge(t *testing.T) {
 		}
 	}
 }
+
+// An expired cooldown stays on record until a success clears it, and while
+// it does one request at a time may try the scope: the others are told to
+// put it last. The trial ends with its verdict or after trialHold.
+func TestExpiredCooldownIsOnTrialForOneRequest(t *testing.T) {
+	c, clk, hs := newTestCooldowns(Channel{ID: 1, URL: "u"})
+	h := hs[1]
+	now := func() int64 { return clk.now().UnixNano() }
+	if !h.claimTrial("m", now()) || !h.claimTrial("m", now()) {
+		t.Fatal("a channel with nothing on record refused a request")
+	}
+	transient := verdict{scope: scopeChannel, base: defaultCooldownPolicy.Transient, status: 503, reason: "503"}
+	c.fail(h, -1, "m", transient) // cools 30 s
+	clk.advance(time.Second)
+	if h.claimTrial("m", now()) {
+		t.Fatal("a channel that cools since the request planned it was not put last")
+	}
+	clk.advance(30 * time.Second)
+	if !h.claimTrial("m", now()) {
+		t.Fatal("the first request after the cooldown ran out was refused its trial")
+	}
+	for i := range 3 {
+		if h.claimTrial("m", now()) {
+			t.Fatalf("claim %d during another request's trial granted", i+2)
+		}
+	}
+	clk.advance(trialHold)
+	if !h.claimTrial("m", now()) || h.claimTrial("m", now()) {
+		t.Fatal("after trialHold one new trial (and only one) may start")
+	}
+	c.fail(h, -1, "m", transient) // the trial failed: cools 60 s, trial over
+	clk.advance(61 * time.Second)
+	if !h.claimTrial("m", now()) || h.claimTrial("m", now()) {
+		t.Fatal("after the second cooldown one trial (and only one) may start")
+	}
+	c.succeed(h, -1, "m")
+	if !h.claimTrial("m", now()) || !h.claimTrial("m", now()) {
+		t.Fatal("a success ends the trial for everyone")
+	}
+
+	// A model's cooldown puts only that model on trial.
+	c.fail(h, -1, "m", verdict{scope: scopeModel, base: defaultCooldownPolicy.Persistent, status: 404, reason: "404"})
+	clk.advance(defaultCooldownPolicy.Persistent + time.Second)
+	if !h.claimTrial("m", now()) || h.claimTrial("m", now()) {
+		t.Fatal("model m: want one trial")
+	}
+	if !h.claimTrial("other", now()) || !h.claimTrial("other", now()) {
+		t.Fatal("another model of the channel is not on trial")
+	}
+}

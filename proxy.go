@@ -410,8 +410,28 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 			last.Body.Close()
 		}
 	}()
-	for i := 0; ; i++ {
-		e := x.plan.candidate(i)
+	// Channels whose expired cooldown another request is trying right now
+	// (see coolSlot.claimTrial) go after the plan's own order, before its
+	// last resort: tried only if nothing else serves.
+	var behind [4]*channelEntry
+	later := behind[:0]
+	for i, j := 0, 0; ; {
+		var e *channelEntry
+		switch {
+		case i < len(x.plan.order):
+			e = x.plan.order[i]
+			i++
+			if !e.health.claimTrial(x.model, rl.Now().UnixNano()) {
+				later = append(later, e)
+				continue
+			}
+		case j < len(later):
+			e = later[j]
+			j++
+		default:
+			e = x.plan.candidate(i)
+			i++
+		}
 		if e == nil {
 			break
 		}

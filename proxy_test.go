@@ -1490,3 +1490,71 @@ func TestHangUpAfterTheEndIsNotA499(t *testing.T) {
 		})
 	}
 }
+
+// testClock is a time source for a whole ccload, safe to read from its
+// request goroutines while the test moves it.
+type testClock struct{ ns atomic.Int64 }
+
+func (c *testClock) now() time.Time          { return time.Unix(0, c.ns.Load()) }
+func (c *testClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
+
+// When a failed channel's cooldown runs out, one request tries it; the
+// requests beside it go elsewhere instead of all hitting a channel that may
+// still be dead, and try it only if nothing else serves.
+func TestExpiredCooldownTriedByOneRequestAtATime(t *testing.T) {
+	e := newTestEnv(t)
+	clk := &testClock{}
+	clk.ns.Store(time.Now().UnixNano())
+	e.app.cool.now, e.app.relay.Now = clk.now, clk.now
+	a, b := newFakeUpstream(t, "a"), newFakeUpstream(t, "b")
+	a.script(func(n int, _ *http.Request) fakeBehavior {
+		switch n {
+		case 1:
+			return fakeBehavior{Status: 500}
+		case 2:
+			return fakeBehavior{StallHeaders: true} // the trial, held open
+		}
+		return fakeBehavior{}
+	})
+	e.addChannel(Channel{Name: "a", URL: a.URL, Priority: 10})
+	e.addChannel(Channel{Name: "b", URL: b.URL})
+	if resp, _ := e.post("/v1/messages", anthropicBody("m", false)); resp.StatusCode != 200 || b.count() != 1 {
+		t.Fatalf("status %d, b hits %d; want a's 500 to fail over to b", resp.StatusCode, b.count())
+	}
+	clk.advance(31 * time.Second) // a's 30 s cooldown has run out
+
+	trial := make(chan int, 1)
+	go func() {
+		resp, _ := e.post("/v1/messages", anthropicBody("m", false))
+		trial <- resp.StatusCode
+	}()
+	for a.count() < 2 { // the trial request has reached a
+		select {
+		case <-trial:
+			t.Fatal("the trial request ended before reaching a")
+		case <-time.After(time.Millisecond):
+		}
+	}
+	if resp, _ := e.post("/v1/messages", anthropicBody("m", false)); resp.StatusCode != 200 || a.count() != 2 || b.count() != 2 {
+		t.Fatalf("beside a trial: status %d, hits a=%d b=%d; want 200 from b, a untouched", resp.StatusCode, a.count(), b.count())
+	}
+	// b fails too: a, put last, is still tried, and serves.
+	b.set(fakeBehavior{Status: 500})
+	if resp, body := e.post("/v1/messages", anthropicBody("m", false)); resp.StatusCode != 200 || a.count() != 3 {
+		t.Fatalf("status %d (%s), a hits %d; want a tried after b failed", resp.StatusCode, body, a.count())
+	}
+	// Released, the held trial answers nothing usable and fails over to b,
+	// which has recovered.
+	b.set(fakeBehavior{})
+	a.releaseAll()
+	if got := <-trial; got != 200 {
+		t.Errorf("the trial request: status %d", got)
+	}
+	served := map[string]int{}
+	for _, l := range e.logs() {
+		served[l.ChannelName]++
+	}
+	if served["a"] != 1 || served["b"] != 3 {
+		t.Errorf("log rows by channel %v; want a 1 (the last try), b 3", served)
+	}
+}
