@@ -380,29 +380,18 @@ func TestAffinityPerToken(t *testing.T) {
 	}
 }
 
-// testClock is a settable clock for the relay.
-type testClock struct {
-	mu sync.Mutex // guards t
-	t  time.Time
-}
-
-func (c *testClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *testClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
+// startedClock is a testClock (proxy_test.go) set to now.
+func startedClock() *testClock {
+	c := &testClock{}
+	c.ns.Store(time.Now().UnixNano())
+	return c
 }
 
 // TestAffinityTTL: a binding slides with use and ends after the TTL
 // without use.
 func TestAffinityTTL(t *testing.T) {
 	e := newTestEnv(t, func(c *config) { c.Affinity.TTL = 10 * time.Minute })
-	clk := &testClock{t: time.Now()}
+	clk := startedClock()
 	e.app.relay.Now = clk.now
 	for _, n := range []string{"a", "b", "c"} {
 		e.addChannel(Channel{Name: n, URL: newFakeUpstream(t, n).URL})
@@ -617,7 +606,7 @@ func TestAffinityCacheSavings(t *testing.T) {
 	cost := func(u tally) float64 { return float64(u.in) + 1.25*float64(u.write) + 0.1*float64(u.read) }
 	for _, gap := range []time.Duration{30 * time.Second, 2 * time.Minute} {
 		t.Run(fmt.Sprint("turn every ", gap), func(t *testing.T) {
-			clk := &testClock{t: time.Now()}
+			clk := startedClock()
 			cached := func(name string) *fakeUpstream {
 				u := newFakeUpstream(t, name)
 				u.set(fakeBehavior{PromptCache: true})

@@ -706,9 +706,11 @@ func TestKeyStrategies(t *testing.T) {
 	seq, rr := newFakeUpstream(t, "seq"), newFakeUpstream(t, "rr")
 	e.addChannel(Channel{Name: "seq", URL: seq.URL, APIKeys: []string{"key-one-111111", "key-two-222222"}, Models: []string{"s"}})
 	e.addChannel(Channel{Name: "rr", URL: rr.URL, APIKeys: []string{"key-one-111111", "key-two-222222"}, Models: []string{"r"}, KeyStrategy: keyRoundRobin})
-	for range 4 {
-		e.post("/v1/messages", anthropicBody("s", false))
-		e.post("/v1/messages", anthropicBody("r", false))
+	for i := range 4 { // four conversations: a conversation's own turns keep their key
+		for _, m := range []string{"s", "r"} {
+			e.do("POST", "/v1/messages", anthropicBody(m, false), map[string]string{
+				"Anthropic-Version": "2023-06-01", "X-Claude-Code-Session-Id": fmt.Sprint("keys-", i)})
+		}
 	}
 	var seqKeys, rrKeys []string
 	for _, r := range seq.requests() {
