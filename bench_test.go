@@ -77,6 +77,9 @@ func BenchmarkOverhead(b *testing.B) {
 		{name: "sse/c1", conc: 1, body: strings.Replace(small, `"max_tokens"`, `"stream":true,"max_tokens"`, 1), stream: true},
 		{name: "sse/c50", conc: 50, body: strings.Replace(small, `"max_tokens"`, `"stream":true,"max_tokens"`, 1), stream: true},
 		{name: "json-100KiB/c1", conc: 1, body: large},
+		// Claude Code's shape, metadata (the session) last: the path a real
+		// request takes through the scan and session affinity.
+		{name: "cc-200KiB/c1", conc: 1, body: strings.Replace(string(claudeCodeBody(200<<10)), `"stream":true`, `"stream":false`, 1)},
 	}
 	results := map[string]benchResult{}
 	for _, c := range cases {

@@ -46,6 +46,12 @@ type fakeUpstream struct {
 	conns atomic.Int64
 	// cuts counts streams this upstream broke off after content began.
 	cuts atomic.Int64
+
+	// prompts is the simulated prompt cache (fakeBehavior.PromptCache):
+	// by key, the hash of every prefix seen, with when it was last used.
+	// clock is the fake's time for its 5 minute expiry. Both under mu.
+	prompts map[string]map[[32]byte]time.Time
+	clock   func() time.Time
 }
 
 // fakeRequest is what the upstream received.
@@ -109,6 +115,26 @@ type fakeBehavior struct {
 	// (the type is only in the data) and no data: [DONE] after a chat
 	// stream's finish chunk.
 	Bare bool
+
+	// PromptCache simulates the upstream's prompt cache, per key, for
+	// Anthropic messages and OpenAI Responses: the longest prefix of
+	// (system, tools, messages…) this key saw within the last 5 minutes
+	// of the fake's clock is reported as cache read, the rest as cache
+	// write (Anthropic; OpenAI has no write and counts it as input).
+	// Tokens are bytes / 4. Other usage stays as the constants below.
+	PromptCache bool
+
+	cacheUsage *fakeUsage // set by serve in PromptCache mode
+}
+
+// fakeUsage is the usage one answer reports.
+type fakeUsage struct{ in, out, read, write int }
+
+func (b fakeBehavior) usage() fakeUsage {
+	if b.cacheUsage != nil {
+		return *b.cacheUsage
+	}
+	return fakeUsage{fakeInputTokens, fakeOutputTokens, fakeCacheRead, fakeCacheWrite}
 }
 
 // Usage the fake reports, fixed so tests can assert what the log holds.
@@ -211,6 +237,13 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	var b fakeBehavior
 	if behave != nil {
 		b = behave(n, r)
+	}
+	if b.PromptCache {
+		u := f.cachePrompt(presentedKey(r), body)
+		if p, _ := fakeProto(r.URL.Path); p == protoOpenAI {
+			u.in, u.write = u.write, 0 // no cache write: the rest is input
+		}
+		b.cacheUsage = &u
 	}
 	// A client may say what body it sent; a relay that garbled it (a buffer
 	// reused too early, say) gets a distinctive 400.
@@ -361,7 +394,73 @@ func (b fakeBehavior) deltas() int {
 var fakeCache sync.Map // string -> []byte or *fakeStream
 
 func fakeKey(kind string, p protocol, responses bool, model string, b fakeBehavior) string {
-	return fmt.Sprint(kind, p, responses, model, b.text(), b.deltas(), b.ToolName, b.ToolInput, b.Spaced, b.Bare)
+	return fmt.Sprint(kind, p, responses, model, b.text(), b.deltas(), b.ToolName, b.ToolInput, b.Spaced, b.Bare, b.usage())
+}
+
+// promptCacheTTL is how long the simulated cache keeps a prefix unused,
+// as Anthropic's default (5 minute) cache does.
+const promptCacheTTL = 5 * time.Minute
+
+// cachePrompt runs body through key's simulated prompt cache and returns
+// the usage to report. The prompt is split in the units a cache prefix
+// can end on: the system prompt, the tools and each message or input item.
+func (f *fakeUpstream) cachePrompt(key string, body []byte) fakeUsage {
+	var req struct {
+		System       json.RawMessage   `json:"system"`
+		Instructions json.RawMessage   `json:"instructions"`
+		Tools        json.RawMessage   `json:"tools"`
+		Messages     []json.RawMessage `json:"messages"`
+		Input        json.RawMessage   `json:"input"`
+	}
+	json.Unmarshal(body, &req)
+	units := [][]byte{req.System, req.Instructions, req.Tools}
+	for _, m := range req.Messages {
+		units = append(units, m)
+	}
+	var items []json.RawMessage
+	if json.Unmarshal(req.Input, &items) == nil {
+		for _, m := range items {
+			units = append(units, m)
+		}
+	} else if len(req.Input) > 0 {
+		units = append(units, req.Input)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := time.Now()
+	if f.clock != nil {
+		now = f.clock()
+	}
+	if f.prompts == nil {
+		f.prompts = map[string]map[[32]byte]time.Time{}
+	}
+	seen := f.prompts[key]
+	if seen == nil {
+		seen = map[[32]byte]time.Time{}
+		f.prompts[key] = seen
+	}
+	var u fakeUsage
+	h := sha256.New()
+	total, hit := 0, true
+	for _, unit := range units {
+		if len(unit) == 0 {
+			continue
+		}
+		h.Write(unit)
+		h.Write([]byte{0})
+		var sum [32]byte
+		h.Sum(sum[:0])
+		total += max(1, len(unit)/4)
+		if t, ok := seen[sum]; hit && ok && now.Sub(t) <= promptCacheTTL {
+			u.read = total
+		} else {
+			hit = false
+		}
+		seen[sum] = now
+	}
+	u.write = total - u.read
+	u.out = fakeOutputTokens
+	return u
 }
 
 func (f *fakeUpstream) writeJSON(w http.ResponseWriter, p protocol, responses bool, model string, b fakeBehavior) {
@@ -378,6 +477,7 @@ func (f *fakeUpstream) writeJSON(w http.ResponseWriter, p protocol, responses bo
 
 func renderJSON(p protocol, responses bool, model string, b fakeBehavior) []byte {
 	text := strings.Repeat(b.text(), b.deltas())
+	u := b.usage()
 	var v any
 	switch {
 	case p == protoAnthropic:
@@ -389,25 +489,25 @@ func renderJSON(p protocol, responses bool, model string, b fakeBehavior) []byte
 		v = map[string]any{"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
 			"content":     content,
 			"stop_reason": stop, "stop_sequence": nil,
-			"usage": map[string]any{"input_tokens": fakeInputTokens, "output_tokens": fakeOutputTokens,
-				"cache_creation_input_tokens": fakeCacheWrite, "cache_read_input_tokens": fakeCacheRead}}
+			"usage": map[string]any{"input_tokens": u.in, "output_tokens": u.out,
+				"cache_creation_input_tokens": u.write, "cache_read_input_tokens": u.read}}
 	case p == protoOpenAI && responses:
 		v = map[string]any{"id": "resp_fake", "object": "response", "status": "completed", "model": model,
 			"output": []any{map[string]any{"type": "message", "role": "assistant",
 				"content": []any{map[string]any{"type": "output_text", "text": text}}}},
-			"usage": map[string]any{"input_tokens": fakeInputTokens + fakeCacheRead, "output_tokens": fakeOutputTokens,
-				"input_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}, "total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens}}
+			"usage": map[string]any{"input_tokens": u.in + u.read, "output_tokens": u.out,
+				"input_tokens_details": map[string]any{"cached_tokens": u.read}, "total_tokens": u.in + u.read + u.out}}
 	case p == protoOpenAI:
 		v = map[string]any{"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
 			"choices": []any{map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": text}, "finish_reason": "stop"}},
-			"usage": map[string]any{"prompt_tokens": fakeInputTokens + fakeCacheRead, "completion_tokens": fakeOutputTokens,
-				"total_tokens":          fakeInputTokens + fakeCacheRead + fakeOutputTokens,
-				"prompt_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}}}
+			"usage": map[string]any{"prompt_tokens": u.in + u.read, "completion_tokens": u.out,
+				"total_tokens":          u.in + u.read + u.out,
+				"prompt_tokens_details": map[string]any{"cached_tokens": u.read}}}
 	default:
 		v = map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": text}}, "role": "model"},
 			"finishReason": "STOP", "index": 0}},
-			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": fakeOutputTokens,
-				"cachedContentTokenCount": fakeCacheRead, "totalTokenCount": fakeInputTokens + fakeCacheRead + fakeOutputTokens},
+			"usageMetadata": map[string]any{"promptTokenCount": u.in + u.read, "candidatesTokenCount": u.out,
+				"cachedContentTokenCount": u.read, "totalTokenCount": u.in + u.read + u.out},
 			"modelVersion": model}
 	}
 	out, _ := json.Marshal(v)
@@ -525,6 +625,7 @@ func splitJSON(s string, n int) []string {
 
 func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fakeStream {
 	text := b.text()
+	u := b.usage()
 	n := b.deltas()
 	fs := &fakeStream{}
 	switch {
@@ -532,8 +633,8 @@ func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fak
 		fs.head = append(fs.head, sseEvent("message_start", map[string]any{"type": "message_start", "message": map[string]any{
 			"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": []any{},
 			"stop_reason": nil, "stop_sequence": nil,
-			"usage": map[string]any{"input_tokens": fakeInputTokens, "cache_creation_input_tokens": fakeCacheWrite,
-				"cache_read_input_tokens": fakeCacheRead, "output_tokens": 1}}}))
+			"usage": map[string]any{"input_tokens": u.in, "cache_creation_input_tokens": u.write,
+				"cache_read_input_tokens": u.read, "output_tokens": 1}}}))
 		block, stop := map[string]any{"type": "text", "text": ""}, "end_turn"
 		if b.ToolName != "" {
 			block, stop = map[string]any{"type": "tool_use", "id": "toolu_fake", "name": b.ToolName, "input": map[string]any{}}, "tool_use"
@@ -552,7 +653,7 @@ func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fak
 			sseEvent("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0}),
 			sseEvent("message_delta", map[string]any{"type": "message_delta",
 				"delta": map[string]any{"stop_reason": stop, "stop_sequence": nil},
-				"usage": map[string]any{"output_tokens": fakeOutputTokens}}),
+				"usage": map[string]any{"output_tokens": u.out}}),
 			sseEvent("message_stop", map[string]any{"type": "message_stop"}))
 	case p == protoOpenAI && responses:
 		// The event sequence of the real API, which Codex follows closely:
@@ -592,9 +693,9 @@ func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fak
 			ev("response.content_part.done", at(map[string]any{"part": part})),
 			ev("response.output_item.done", map[string]any{"output_index": 0, "item": item}),
 			ev("response.completed", map[string]any{"response": resp("completed", []any{item}, map[string]any{
-				"input_tokens": fakeInputTokens + fakeCacheRead, "input_tokens_details": map[string]any{"cached_tokens": fakeCacheRead},
-				"output_tokens": fakeOutputTokens, "output_tokens_details": map[string]any{"reasoning_tokens": 0},
-				"total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens})}))
+				"input_tokens": u.in + u.read, "input_tokens_details": map[string]any{"cached_tokens": u.read},
+				"output_tokens": u.out, "output_tokens_details": map[string]any{"reasoning_tokens": 0},
+				"total_tokens": u.in + u.read + u.out})}))
 	case p == protoOpenAI:
 		chunk := func(delta map[string]any, finish any) []byte {
 			return sseEvent("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
@@ -604,18 +705,18 @@ func renderStream(p protocol, responses bool, model string, b fakeBehavior) *fak
 		fs.delta = chunk(map[string]any{"content": text}, nil)
 		fs.tail = append(fs.tail, chunk(map[string]any{}, "stop"),
 			sseEvent("", map[string]any{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-				"choices": []any{}, "usage": map[string]any{"prompt_tokens": fakeInputTokens + fakeCacheRead, "completion_tokens": fakeOutputTokens,
-					"total_tokens": fakeInputTokens + fakeCacheRead + fakeOutputTokens, "prompt_tokens_details": map[string]any{"cached_tokens": fakeCacheRead}}}),
+				"choices": []any{}, "usage": map[string]any{"prompt_tokens": u.in + u.read, "completion_tokens": u.out,
+					"total_tokens": u.in + u.read + u.out, "prompt_tokens_details": map[string]any{"cached_tokens": u.read}}}),
 			sseEvent("", "[DONE]"))
 	default:
 		fs.delta = sseEvent("", map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": text}}, "role": "model"}, "index": 0}},
-			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": 1,
-				"cachedContentTokenCount": fakeCacheRead},
+			"usageMetadata": map[string]any{"promptTokenCount": u.in + u.read, "candidatesTokenCount": 1,
+				"cachedContentTokenCount": u.read},
 			"modelVersion": model})
 		fs.tail = append(fs.tail, sseEvent("", map[string]any{"candidates": []any{map[string]any{"content": map[string]any{"parts": []any{map[string]any{"text": ""}}, "role": "model"},
 			"finishReason": "STOP", "index": 0}},
-			"usageMetadata": map[string]any{"promptTokenCount": fakeInputTokens + fakeCacheRead, "candidatesTokenCount": fakeOutputTokens,
-				"cachedContentTokenCount": fakeCacheRead, "totalTokenCount": fakeInputTokens + fakeCacheRead + fakeOutputTokens},
+			"usageMetadata": map[string]any{"promptTokenCount": u.in + u.read, "candidatesTokenCount": u.out,
+				"cachedContentTokenCount": u.read, "totalTokenCount": u.in + u.read + u.out},
 			"modelVersion": model}))
 	}
 	if b.Spaced || b.Bare {

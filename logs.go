@@ -701,6 +701,10 @@ type statsRow struct {
 	OutputTokens    int64   `json:"output_tokens"`
 	CacheReadTokens int64   `json:"cache_read_tokens"`
 	CacheWriteToks  int64   `json:"cache_write_tokens"`
+	// CacheHitRatio is cache read / (cache read + cache write + uncached
+	// input): how much of the prompt the upstream's cache served. 0
+	// without input tokens.
+	CacheHitRatio float64 `json:"cache_hit_ratio"`
 
 	sum rollup // not serialised
 }
@@ -709,6 +713,7 @@ func (r *statsRow) finish() {
 	g := &r.sum
 	r.Requests, r.Success, r.Errors = g.requests, g.ok, g.requests-g.ok
 	r.InputTokens, r.OutputTokens, r.CacheReadTokens, r.CacheWriteToks = g.in, g.out, g.cacheRead, g.cacheWri
+	r.CacheHitRatio = cacheHitRatio(g.in, g.cacheRead, g.cacheWri)
 	if g.requests > 0 {
 		r.SuccessRate = float64(g.ok) / float64(g.requests)
 		r.AvgMS = float64(g.dur) / float64(g.requests)
@@ -818,8 +823,20 @@ type trendBucket struct {
 	AvgMS        float64   `json:"avg_ms"`
 	InputTokens  int64     `json:"input_tokens"`
 	OutputTokens int64     `json:"output_tokens"`
+	CacheRead    int64     `json:"cache_read_tokens"`
+	CacheWrite   int64     `json:"cache_write_tokens"`
+	CacheHit     float64   `json:"cache_hit_ratio"`
 
 	durSum int64
+}
+
+// cacheHitRatio is the share of a prompt the upstream's cache served (see
+// statsRow.CacheHitRatio).
+func cacheHitRatio(in, read, write int64) float64 {
+	if all := in + read + write; all > 0 {
+		return float64(read) / float64(all)
+	}
+	return 0
 }
 
 // Trends returns hourly buckets for the hours ending with the current one,
@@ -831,15 +848,16 @@ func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBu
 		buckets[i].Start = first.Add(time.Duration(i) * time.Hour)
 	}
 	rows, err := s.rdb.QueryContext(ctx, `SELECT (hour - ?) / 3600000, sum(requests), sum(ok), sum(duration_ms),
-		sum(input_tokens), sum(output_tokens) FROM log_hourly WHERE hour >= ? GROUP BY hour`,
+		sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
+		FROM log_hourly WHERE hour >= ? GROUP BY hour`,
 		first.UnixMilli(), first.UnixMilli())
 	if err != nil {
 		return nil, fmt.Errorf("trends: %w", err)
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var h, n, ok, dur, in, out int64
-		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out); err != nil {
+		var h, n, ok, dur, in, out, cr, cw int64
+		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out, &cr, &cw); err != nil {
 			return nil, err
 		}
 		if h < 0 || h >= int64(hours) {
@@ -847,6 +865,7 @@ func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBu
 		}
 		b := &buckets[h]
 		b.Requests, b.Success, b.durSum, b.InputTokens, b.OutputTokens = n, ok, dur, in, out
+		b.CacheRead, b.CacheWrite, b.CacheHit = cr, cw, cacheHitRatio(in, cr, cw)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err

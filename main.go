@@ -134,6 +134,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 			errs = append(errs, fmt.Errorf("CCLOAD_LOG_LEVEL=%q: want DEBUG, INFO, WARN or ERROR", v))
 		}
 	}
+	var affErrs []error
+	c.Affinity, affErrs = loadAffinityConfig(getenv)
+	errs = append(errs, affErrs...)
 	if c.RedisURL != "" && !strings.HasPrefix(c.RedisURL, "redis://") && !strings.HasPrefix(c.RedisURL, "rediss://") {
 		errs = append(errs, errors.New("REDIS_URL must start with redis:// or rediss://"))
 	}

@@ -26,6 +26,7 @@ type metrics struct {
 	durationCount atomic.Uint64
 	durationSumUS atomic.Uint64
 	durationBkt   [len(durationBuckets)]atomic.Uint64
+	affinityRes   [affinityResults]atomic.Uint64 // by affinityResult
 }
 
 type requestKey struct {
@@ -43,6 +44,8 @@ func (m *metrics) attempt()       { m.attempts.Add(1) }
 func (m *metrics) cooled(s scope) { m.cooldowns[s].Add(1) }
 func (m *metrics) streamOpened()  { m.streams.Add(1) }
 func (m *metrics) streamClosed()  { m.streams.Add(-1) }
+
+func (m *metrics) affinity(r affinityResult) { m.affinityRes[r].Add(1) }
 
 func statusClass(status int) string {
 	switch {
@@ -147,6 +150,12 @@ func (src metricsSource) write(w *bufio.Writer) {
 	fmt.Fprintln(w, "# TYPE ccload_active_cooldowns gauge")
 	for _, s := range []scope{scopeChannel, scopeKey, scopeModel} {
 		fmt.Fprintf(w, "ccload_active_cooldowns{scope=\"%s\"} %d\n", s, active[s])
+	}
+
+	fmt.Fprintln(w, "# HELP ccload_affinity_total Requests with a session, by what session affinity did (new, hit, moved, miss).")
+	fmt.Fprintln(w, "# TYPE ccload_affinity_total counter")
+	for r := affinityNew; r < affinityResults; r++ {
+		fmt.Fprintf(w, "ccload_affinity_total{result=\"%s\"} %d\n", r, m.affinityRes[r].Load())
 	}
 
 	fmt.Fprintln(w, "# HELP ccload_streams_in_flight Streams relaying now.")

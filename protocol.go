@@ -186,7 +186,20 @@ type bodyInfo struct {
 	modelStart int // byte span of the model's JSON string, quotes included; 0, 0 when none
 	modelEnd   int
 	stream     bool
+	// Where the session identity sits (see affinity.go), as byte spans of
+	// body; a zero span is absent. userID is metadata.user_id's value and
+	// cacheKey prompt_cache_key's, quotes included when a string. system,
+	// tools and firstMsg (the first element of messages, input or
+	// contents) are the leading conversation, hashed when no id is sent.
+	userID, cacheKey, system, tools, firstMsg span
 }
+
+// span is a byte range [start, end) of a request body.
+type span struct{ start, end int }
+
+func (p span) of(b []byte) []byte { return b[p.start:p.end] }
+
+func (p span) empty() bool { return p.end <= p.start }
 
 var (
 	errNotObject    = errors.New("the request body must be a JSON object")
@@ -243,6 +256,10 @@ type jsonScan struct {
 	err      error
 	info     bodyInfo
 	badModel bool
+	// firstEnd is where the first element of the latest top-level array
+	// member ended (-1: the array was empty), so the leading message of a
+	// conversation is known without scanning it again.
+	firstEnd int
 }
 
 func (s *jsonScan) fail(msg string) bool {
@@ -387,6 +404,31 @@ func (s *jsonScan) member(key string, start, end int) {
 		}
 	case "stream":
 		s.info.stream = string(v) == "true"
+	case "metadata":
+		// A small object at the end of Claude Code's body; only user_id
+		// is wanted from it.
+		s.info.userID = span{}
+		forEachMember(v, func(k, val []byte) {
+			if string(k) == "user_id" {
+				off := start + int(cap(v)-cap(val)) // val is a subslice of v
+				s.info.userID = span{off, off + len(val)}
+			}
+		})
+	case "prompt_cache_key":
+		s.info.cacheKey = span{start, end}
+	case "system", "instructions", "systemInstruction":
+		s.info.system = span{start, end}
+	case "tools":
+		s.info.tools = span{start, end}
+	case "messages", "input", "contents":
+		switch {
+		case v[0] == '[' && s.firstEnd > start:
+			s.info.firstMsg = span{start + 1, s.firstEnd}
+		case v[0] == '"': // Responses: input may be one string
+			s.info.firstMsg = span{start, end}
+		default:
+			s.info.firstMsg = span{}
+		}
 	}
 }
 
@@ -395,6 +437,11 @@ func (s *jsonScan) array(depth int) bool {
 		return s.fail("exceeded max depth")
 	}
 	s.i++ // [
+	// A top-level member's value: note where its first element ends.
+	top := depth == 2
+	if top {
+		s.firstEnd = -1
+	}
 	s.space()
 	if s.i < len(s.b) && s.b[s.i] == ']' {
 		s.i++
@@ -403,6 +450,9 @@ func (s *jsonScan) array(depth int) bool {
 	for {
 		if !s.value(depth) {
 			return false
+		}
+		if top && s.firstEnd < 0 {
+			s.firstEnd = s.i
 		}
 		s.space()
 		if s.i >= len(s.b) {

@@ -29,6 +29,7 @@ type relay struct {
 	metrics  *metrics
 	auth     *clientAuth
 	upstream http.RoundTripper // the real transport to the channels
+	aff      *affinity         // nil when off
 	Now      func() time.Time
 
 	proxy    *httputil.ReverseProxy
@@ -52,6 +53,8 @@ type relayConfig struct {
 	// MaxBody is the largest request body accepted (413 above it). Zero
 	// means 32 MiB.
 	MaxBody int64
+	// Affinity keeps a conversation on its channel and key (affinity.go).
+	Affinity affinityConfig
 }
 
 func (c *relayConfig) firstByteWait() time.Duration {
@@ -153,7 +156,7 @@ func newRelay(cfg relayConfig, sel *selector, cool *cooldowns, logs *logWriter, 
 	rl := &relay{
 		relayConfig: cfg,
 		sel:         sel, cool: cool, logs: logs, metrics: m, auth: auth, upstream: upstream,
-		Now: time.Now,
+		aff: newAffinity(cfg.Affinity), Now: time.Now,
 	}
 	rl.proxy = &httputil.ReverseProxy{
 		Rewrite:   rl.rewrite,
@@ -202,6 +205,7 @@ type exchange struct {
 	plan    plan
 	planBuf [8]*channelEntry
 	keyBuf  [8]int
+	aff     affinityState
 
 	// Outcome.
 	tries     []try // every attempt, in order
@@ -321,6 +325,7 @@ func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool
 		return false
 	}
 	x.plan = rt.makePlan(x.model, rl.Now().UnixNano(), x.planBuf[:0])
+	rl.aff.route(x, r.Header, rl.Now())
 	return true
 }
 
@@ -432,7 +437,7 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 		if e == nil {
 			break
 		}
-		for _, k := range e.keyOrder(rl.Now().UnixNano(), x.keyBuf[:0]) {
+		for _, k := range x.aff.keyOrder(e, e.keyOrder(rl.Now().UnixNano(), x.keyBuf[:0])) {
 			res, v, err := rl.attempt(out, x, e, k)
 			if err != nil {
 				return nil, err
@@ -829,6 +834,7 @@ func (rl *relay) finish(x *exchange) {
 		e.UpstreamModel = t.entry.upstreamModel(x.model)
 	}
 	e.trace = encodeTrace(x.tries, x.status, x.start, dur)
+	rl.aff.settle(x, &e, rl.metrics, rl.Now())
 	rl.metrics.request(&e, dur)
 	rl.logs.add(e)
 }

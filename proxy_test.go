@@ -657,13 +657,17 @@ func TestRoundRobinSharesATier(t *testing.T) {
 	}
 	low := newFakeUpstream(t, "low")
 	e.addChannel(Channel{Name: "low", URL: low.URL, Priority: 1})
+	// Each request is a conversation of its own: the round robin spreads
+	// sessions (a session's later turns stick, see TestAffinityStaysOnChannel).
 	var wg sync.WaitGroup
+	var n atomic.Int64
 	for range 8 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for range 30 {
-				e.post("/v1/messages", anthropicBody("m", false))
+				e.do("POST", "/v1/messages", anthropicBody("m", false), map[string]string{
+					"Anthropic-Version": "2023-06-01", "X-Claude-Code-Session-Id": fmt.Sprint("rr-", n.Add(1))})
 			}
 		}()
 	}
@@ -688,8 +692,9 @@ func TestRoundRobinSkipsCoolingEvenly(t *testing.T) {
 		chs = append(chs, e.addChannel(Channel{Name: fmt.Sprint("c", i), URL: u.URL}))
 	}
 	e.app.cool.fail(e.app.cool.get(chs[0].ID), 0, "", verdict{scope: scopeChannel, base: time.Hour, status: 500})
-	for range 40 {
-		e.post("/v1/messages", anthropicBody("m", false))
+	for i := range 40 { // forty conversations, as in TestRoundRobinSharesATier
+		e.do("POST", "/v1/messages", anthropicBody("m", false), map[string]string{
+			"Anthropic-Version": "2023-06-01", "X-Claude-Code-Session-Id": fmt.Sprint("rr-", i)})
 	}
 	if ups[0].count() != 0 || ups[1].count() != 20 || ups[2].count() != 20 {
 		t.Errorf("served %d/%d/%d; want 0/20/20", ups[0].count(), ups[1].count(), ups[2].count())
@@ -701,9 +706,11 @@ func TestKeyStrategies(t *testing.T) {
 	seq, rr := newFakeUpstream(t, "seq"), newFakeUpstream(t, "rr")
 	e.addChannel(Channel{Name: "seq", URL: seq.URL, APIKeys: []string{"key-one-111111", "key-two-222222"}, Models: []string{"s"}})
 	e.addChannel(Channel{Name: "rr", URL: rr.URL, APIKeys: []string{"key-one-111111", "key-two-222222"}, Models: []string{"r"}, KeyStrategy: keyRoundRobin})
-	for range 4 {
-		e.post("/v1/messages", anthropicBody("s", false))
-		e.post("/v1/messages", anthropicBody("r", false))
+	for i := range 4 { // four conversations: a conversation's own turns keep their key
+		for _, m := range []string{"s", "r"} {
+			e.do("POST", "/v1/messages", anthropicBody(m, false), map[string]string{
+				"Anthropic-Version": "2023-06-01", "X-Claude-Code-Session-Id": fmt.Sprint("keys-", i)})
+		}
 	}
 	var seqKeys, rrKeys []string
 	for _, r := range seq.requests() {

@@ -928,7 +928,8 @@ func testBrowserLogs(t *testing.T, bctx context.Context) {
 			st = 503
 		}
 		rows = append(rows, logEntry{Time: base.Add(time.Duration(i) * time.Second), Protocol: "anthropic", Model: "claude-bulk",
-			ChannelID: ch.ID, ChannelName: ch.Name, Attempts: 1, Status: st, DurationMS: int64(100 + i), InputTokens: 10, OutputTokens: 20})
+			ChannelID: ch.ID, ChannelName: ch.Name, Attempts: 1, Status: st, DurationMS: int64(100 + i), InputTokens: 10, OutputTokens: 20,
+			CacheRead: 25, CacheWrite: 5})
 	}
 	if err := e.app.store.InsertLogs(context.Background(), rows); err != nil {
 		t.Fatal(err)
@@ -981,9 +982,16 @@ func testBrowserLogs(t *testing.T, bctx context.Context) {
 	if s := b.text(rowSel("stats-model-table", "model", "claude-bulk")); !strings.Contains(s, "120") {
 		t.Errorf("stats row for claude-bulk = %q; want 120 requests", s)
 	}
+	// Cache hit ratio: 25 read of 10 + 25 + 5 input tokens a request.
+	if s := b.text(rowSel("stats-model-table", "model", "claude-bulk")); !strings.Contains(s, "62.5%") {
+		t.Errorf("stats row for claude-bulk = %q; want a cache hit ratio of 62.5%%", s)
+	}
 	b.do("stats window", chromedp.SetValue(chromedp.CSS("#stats-hours"), "1"), chromedp.Evaluate[chromedp.Void](
 		`document.querySelector('#stats-hours').dispatchEvent(new Event('change'))`))
 	b.waitJS("1-hour window", `location.hash === '#/stats?hours=1' && !!document.querySelector('#stats-model-table tr[data-model="claude-logs-model"]') && !document.querySelector('#stats-model-table tr[data-model="claude-bulk"]')`)
+	// The dashboard gives the 24-hour cache hit ratio beside the token chart.
+	b.route("#/dashboard", "#token-chart svg")
+	b.waitJS("cache hit ratio", `/^cache hit ratio \d+(\.\d)?%$/.test(document.querySelector('#dash-cache-hit').textContent)`)
 
 	// A request that failed over shows every try, in order, in its detail.
 	bad := newFakeUpstream(t, "bad")

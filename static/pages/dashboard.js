@@ -31,6 +31,10 @@ export function render(root, ctx) {
     { key: 'output_tokens', label: t('dash.outputTokens'), class: 's-out' },
   ];
 
+  // The 24-hour cache hit ratio, beside the token chart: what session
+  // affinity keeps up (README "Session affinity").
+  const cacheHit = h('span', { id: 'dash-cache-hit', class: 'small' });
+
   root.append(
     h('div', { class: 'page-head' }, h('h1', {}, t('nav.dashboard')), h('div', { class: 'head-tools' }, updated, refreshBtn)),
     err,
@@ -39,7 +43,7 @@ export function render(root, ctx) {
       h('section', { class: 'card', 'aria-labelledby': 'trend-h' },
         h('div', { class: 'section-head' }, h('h2', { id: 'trend-h' }, t('dash.traffic24')), legend(reqSeries)), reqChart),
       h('section', { class: 'card', 'aria-labelledby': 'tok-h' },
-        h('div', { class: 'section-head' }, h('h2', { id: 'tok-h' }, t('dash.tokens24')), legend(tokSeries)), tokChart)),
+        h('div', { class: 'section-head' }, h('h2', { id: 'tok-h' }, t('dash.tokens24')), cacheHit, legend(tokSeries)), tokChart)),
     h('section', { class: 'card', 'aria-labelledby': 'health-h' },
       h('div', { class: 'section-head' }, h('h2', { id: 'health-h' }, t('dash.health')),
         h('a', { href: '#/channels', class: 'small' }, t('dash.manage'))),
@@ -67,6 +71,9 @@ export function render(root, ctx) {
 
   function drawTrends(tr) {
     stops.splice(0).forEach((f) => f());
+    const sum = (k) => tr.buckets.reduce((n, b) => n + (b[k] || 0), 0);
+    const read = sum('cache_read_tokens'), all = read + sum('cache_write_tokens') + sum('input_tokens');
+    cacheHit.textContent = t('dash.cacheHit24', { p: fmtPct(all ? read / all : 0, all) });
     const range = (b) => {
       const end = fmtTime(new Date(Date.parse(b.start) + 3600e3).toISOString(), { seconds: false });
       return `${fmtTime(b.start, { seconds: false })}–${end.slice(11)}`;

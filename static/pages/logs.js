@@ -132,6 +132,8 @@ export function render(root, ctx) {
       [t('logs.cacheRead'), fmtNum(r.cache_read_tokens)],
       [t('logs.cacheWrite'), fmtNum(r.cache_write_tokens)],
       [t('logs.token'), r.token || '—'],
+      [t('logs.session'), r.session ? h('code', {}, r.session) : '—'],
+      [t('logs.affinity'), r.affinity ? t(`affinity.${r.affinity}`) : '—'],
       [t('logs.clientIP'), r.client_ip || '—'],
       [t('logs.error'), r.error ? h('span', { class: 'reason pre' }, r.error) : '—'],
     ];

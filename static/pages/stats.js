@@ -34,6 +34,9 @@ export function render(root, ctx) {
     return t('stats.hours', { n });
   }
 
+  // The share of the prompt the upstream's cache served (SPEC §8).
+  const cacheHit = (input, read, write) => (input + read + write ? read / (input + read + write) : 0);
+
   const tokens = (n) => h('span', { title: fmtNum(n) }, fmtCompact(n));
 
   // The columns both tables share; first is the channel or model column.
@@ -54,6 +57,8 @@ export function render(root, ctx) {
       { key: 'cache', label: t('stats.cache'), num: true, sort: (r) => (r.cache_read_tokens || 0) + (r.cache_write_tokens || 0),
         render: (r) => h('span', { title: `${t('logs.cacheRead')}: ${fmtNum(r.cache_read_tokens || 0)}\n${t('logs.cacheWrite')}: ${fmtNum(r.cache_write_tokens || 0)}` },
           `${fmtCompact(r.cache_read_tokens || 0)} / ${fmtCompact(r.cache_write_tokens || 0)}`) },
+      { key: 'cacheHit', label: t('stats.cacheHit'), num: true, sort: (r) => r.cache_hit_ratio || 0,
+        render: (r) => fmtPct(r.cache_hit_ratio || 0, (r.input_tokens || 0) + (r.cache_read_tokens || 0) + (r.cache_write_tokens || 0)) },
     ];
   }
 
@@ -73,6 +78,8 @@ export function render(root, ctx) {
         card(t('stats.successRate'), fmtPct(req ? ok / req : 0, req)),
         card(t('stats.inputTokens'), fmtCompact(sum('input_tokens')), fmtNum(sum('input_tokens'))),
         card(t('stats.outputTokens'), fmtCompact(sum('output_tokens')), fmtNum(sum('output_tokens'))),
+        card(t('stats.cacheHit'), fmtPct(cacheHit(sum('input_tokens'), sum('cache_read_tokens'), sum('cache_write_tokens')),
+          sum('input_tokens') + sum('cache_read_tokens') + sum('cache_write_tokens'))),
       );
       byChannel.replaceChildren(table({
         id: 'stats-channel-table', className: 'scroll', rows: s.channels, state: chSort,
