@@ -5,6 +5,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -29,13 +30,16 @@ import (
 // costs in ccload (the real binary) and in a bare httputil.ReverseProxy,
 // side by side in one run. Every measurement is its own fresh process, and
 // only one runs at a time: each relays N streams from the fake upstream
-// (in this process), which sends the first events and then holds every
-// stream open, and the figure is the process's RSS growth divided by N.
+// (in this process), and the figure is the process's RSS growth divided by
+// N. Two phases are measured: "thinking", where the upstream has sent a
+// ping and holds the stream before its first token (the model is thinking;
+// ccload still holds the request body to fail over with), and "streaming",
+// where the first token has reached the client and the stream then idles.
 // Rounds alternate which proxy goes first and the median is reported, so
 // drift in the machine falls on both alike. It is a measurement and runs
 // only when asked:
 //
-//	CCLOAD_MEM_STREAMS=2000 go test -run TestIdleStreamMemory -v -timeout 20m
+//	CCLOAD_MEM_STREAMS=2000 go test -run TestIdleStreamMemory -v -timeout 30m
 //
 // CCLOAD_MEM_BODY lists the request sizes in bytes (default 512 and
 // 50000: a small request and a Claude Code-sized one); CCLOAD_MEM_ROUNDS
@@ -64,61 +68,73 @@ func TestIdleStreamMemory(t *testing.T) {
 	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
 	lim.Cur = lim.Max
 	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
-	if lim.Cur < uint64(2*n+200) {
+	if lim.Cur < uint64(2*n+400) {
 		t.Skipf("open file limit %d is too low for %d streams", lim.Cur, n)
 	}
 
 	up := newFakeUpstream(t, "mem")
 	up.noRecord.Store(true)
 	hold := make(chan struct{}) // never sent on: streams stay open
-	up.set(fakeBehavior{Deltas: 2, BlockDeltas: hold})
+	up.script(func(_ int, r *http.Request) fakeBehavior {
+		if r.Header.Get("X-Mem-Phase") == "thinking" {
+			return fakeBehavior{StallFirst: true}
+		}
+		return fakeBehavior{Deltas: 2, BlockDeltas: hold}
+	})
 
 	bin := filepath.Join(t.TempDir(), "ccload")
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
 	targets := []string{"bare-proxy", "ccload"}
+	phases := []string{"thinking", "streaming"}
 	type key struct {
-		size   int
-		target string
+		size          int
+		phase, target string
 	}
 	per := map[key][]float64{}
 	for _, size := range sizes {
 		body := memBody(size)
-		for r := range rounds {
-			for k := range targets {
-				target := targets[(k+r)%len(targets)]
-				kib := measureStreams(t, target, bin, up.URL, body, n)
-				per[key{size, target}] = append(per[key{size, target}], kib)
-				t.Logf("%d-byte requests, round %d: %-10s %.1f KiB/stream", size, r+1, target, kib)
+		for _, phase := range phases {
+			for r := range rounds {
+				for k := range targets {
+					target := targets[(k+r)%len(targets)]
+					kib := measureStreams(t, up, target, bin, phase, body, n)
+					per[key{size, phase, target}] = append(per[key{size, phase, target}], kib)
+					t.Logf("%d-byte requests, %s, round %d: %-10s %.1f KiB/stream", size, phase, r+1, target, kib)
+				}
 			}
 		}
 	}
 	fmt.Printf("\nidle-stream memory (%d streams, GOMAXPROCS=%d, median of %d rounds; RSS growth / streams)\n",
 		n, runtime.GOMAXPROCS(0), rounds)
-	fmt.Printf("%-10s %14s %14s %8s %12s\n", "request", "bare KiB/str", "ccload KiB/str", "ratio", "ccload-bare")
+	fmt.Printf("%-9s %-10s %10s %10s %7s %9s   %s\n", "request", "phase", "bare KiB", "ccload KiB", "ratio", "ccl-bare", "rounds (bare | ccload)")
 	for _, size := range sizes {
-		bare, cc := median(per[key{size, "bare-proxy"}]), median(per[key{size, "ccload"}])
-		fmt.Printf("%-10s %14.1f %14.1f %7.2fx %12.1f   (rounds: bare %s, ccload %s)\n", strconv.Itoa(size)+" B",
-			bare, cc, cc/bare, cc-bare, fmtRounds(per[key{size, "bare-proxy"}]), fmtRounds(per[key{size, "ccload"}]))
+		for _, phase := range phases {
+			bs, cs := per[key{size, phase, "bare-proxy"}], per[key{size, phase, "ccload"}]
+			bare, cc := median(bs), median(cs)
+			fmt.Printf("%-9s %-10s %10.1f %10.1f %6.2fx %9.1f   %s | %s\n", strconv.Itoa(size)+" B", phase,
+				bare, cc, cc/bare, cc-bare, fmtRounds(bs), fmtRounds(cs))
+		}
 	}
 }
 
 // measureStreams starts target in a fresh process, opens n streams through
-// it with body as the request, and returns its RSS growth per stream in
-// KiB. The process is gone when it returns.
-func measureStreams(t *testing.T, target, bin, upstream, body string, n int) float64 {
+// it in the given phase with body as the request, and returns its RSS
+// growth per stream in KiB. The process is gone when it returns.
+func measureStreams(t *testing.T, up *fakeUpstream, target, bin, phase, body string, n int) float64 {
 	t.Helper()
 	port := freePort(t)
 	var cmd *exec.Cmd
 	if target == "ccload" {
 		cmd = exec.Command(bin)
 		cmd.Env = append(os.Environ(), "PORT="+strconv.Itoa(port), "HOST=127.0.0.1",
-			"SQLITE_PATH="+filepath.Join(t.TempDir(), "c.db"), "CCLOAD_PASS=pw", "CCLOAD_LOG_LEVEL=warn")
+			"SQLITE_PATH="+filepath.Join(t.TempDir(), "c.db"), "CCLOAD_PASS=pw", "CCLOAD_LOG_LEVEL=warn",
+			"CCLOAD_FIRST_BYTE_TIMEOUT=1h")
 		cmd.Dir = t.TempDir()
 	} else {
 		cmd = exec.Command(os.Args[0], "-test.run=^TestBareProxyProcess$")
-		cmd.Env = append(os.Environ(), "CCLOAD_BARE_TARGET="+upstream, "CCLOAD_BARE_PORT="+strconv.Itoa(port))
+		cmd.Env = append(os.Environ(), "CCLOAD_BARE_TARGET="+up.URL, "CCLOAD_BARE_PORT="+strconv.Itoa(port))
 	}
 	cmd.Env = append(cmd.Env, "GOMAXPROCS="+strconv.Itoa(runtime.GOMAXPROCS(0)))
 	cmd.Stderr = os.Stderr
@@ -129,64 +145,78 @@ func measureStreams(t *testing.T, target, bin, upstream, body string, n int) flo
 	base := "http://127.0.0.1:" + strconv.Itoa(port)
 	waitListening(t, port)
 	if target == "ccload" {
-		addChannelOver(t, base, upstream)
+		addChannelOver(t, base, up.URL)
 	}
 
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n, DisableCompression: true}}
 	defer client.CloseIdleConnections()
-	open := func(k int) []io.Closer {
-		var mu sync.Mutex
-		var bodies []io.Closer
+	// open starts k streams and returns once all are open: for "streaming"
+	// when the client has its first token, for "thinking" when the
+	// upstream has sent its ping and holds the stream. close ends them.
+	open := func(k int) (close func()) {
+		ctx, cancel := context.WithCancel(context.Background())
 		var wg sync.WaitGroup
-		sem := make(chan struct{}, 200)
+		ready := make(chan struct{}, k)
+		sem := make(chan struct{}, 50) // streaming: at most 50 waiting for the first token
 		for range k {
-			sem <- struct{}{}
+			if phase == "streaming" {
+				sem <- struct{}{}
+			}
 			wg.Go(func() {
-				defer func() { <-sem }()
-				resp, err := client.Post(base+"/v1/messages", "application/json", strings.NewReader(body))
+				req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/messages", strings.NewReader(body))
+				req.Header.Set("Content-Type", "application/json")
+				req.Header.Set("X-Mem-Phase", phase)
+				resp, err := client.Do(req)
 				if err != nil {
-					t.Error(err)
+					if ctx.Err() == nil {
+						t.Errorf("%s: %v", target, err)
+					}
 					return
 				}
+				defer resp.Body.Close()
 				if resp.StatusCode != http.StatusOK {
 					b, _ := io.ReadAll(resp.Body)
-					resp.Body.Close()
 					t.Errorf("%s: status %d: %s", target, resp.StatusCode, b)
 					return
 				}
-				br := bufio.NewReader(resp.Body)
-				for {
-					line, err := br.ReadString('\n')
-					if err != nil {
-						t.Errorf("stream ended early: %v", err)
-						resp.Body.Close()
-						return
+				if phase == "streaming" {
+					br := bufio.NewReader(resp.Body)
+					for {
+						line, err := br.ReadString('\n')
+						if err != nil {
+							t.Errorf("%s: stream ended early: %v", target, err)
+							return
+						}
+						if strings.HasPrefix(line, "event: content_block_delta") {
+							break
+						}
 					}
-					if strings.HasPrefix(line, "event: content_block_delta") {
-						break
-					}
+					<-sem
+					ready <- struct{}{}
 				}
-				mu.Lock()
-				bodies = append(bodies, resp.Body)
-				mu.Unlock()
+				<-ctx.Done()
 			})
 		}
-		wg.Wait()
-		return bodies
+		src := ready
+		if phase == "thinking" {
+			src = up.stalled
+		}
+		deadline := time.After(5 * time.Minute)
+		for range k {
+			select {
+			case <-src:
+			case <-deadline:
+				t.Fatalf("%s: streams did not open", target)
+			}
+		}
+		return func() { cancel(); wg.Wait() }
 	}
 	// Warm up, so one-time costs (code pages, pools) are in the base.
-	for _, b := range open(100) {
-		b.Close()
-	}
+	open(100)()
 	rss0 := rssKiB(t, cmd.Process.Pid)
-	bodies := open(n)
-	if len(bodies) != n {
-		t.Fatalf("%s: %d of %d streams open", target, len(bodies), n)
-	}
+	done := open(n)
 	rss1 := rssKiB(t, cmd.Process.Pid)
-	for _, b := range bodies {
-		b.Close()
-	}
+	done()
 	return float64(rss1-rss0) / float64(n)
 }
 
