@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"io"
 	"math/bits"
 	"net/http"
@@ -108,27 +109,55 @@ func (bb *bodyBuf) release() {
 	}
 }
 
+// sentBody is the request body one attempt sends: the client's bytes and,
+// when the channel redirects the model, the new model's JSON string in
+// place of the old one's. The swap is made as the bytes go out (see
+// bodyReader), not in a copy: a copy would hold a second 100 KiB request
+// for as long as the stream waits for its first token.
+type sentBody struct {
+	body       []byte
+	model      []byte // the upstream model, quoted; nil: body goes as is
+	start, end int    // the span of body that model replaces
+}
+
+// redirect sends the body with model in place of the client's; info
+// locates the client's model in the body.
+func (s *sentBody) redirect(info bodyInfo, model string) {
+	q, _ := json.Marshal(model)
+	s.model, s.start, s.end = q, info.modelStart, info.modelEnd
+}
+
+func (s *sentBody) size() int {
+	if s.model == nil {
+		return len(s.body)
+	}
+	return len(s.body) - (s.end - s.start) + len(s.model)
+}
+
 // bodyReader is a request body over bytes the exchange holds. Close lets
 // the bytes go: the transport closes the body once it has sent it, and a
 // stream that runs for minutes should not keep a 100 KiB request alive.
 // The HTTP/2 transport may Close from one goroutine while another Reads,
 // so both take mu (never held across a network write: there is no WriteTo).
 type bodyReader struct {
-	mu     sync.Mutex // guards b, off and closed
-	b      []byte
-	off    int
-	buf    *bodyBuf // the pooled buffer b points into; nil if b is not pooled
+	mu     sync.Mutex // guards parts and closed
+	parts  [3][]byte  // what is left to send, in order: body up to the model, the model, the rest
+	buf    *bodyBuf   // the pooled buffer the parts point into; nil if not pooled
 	closed bool
 }
 
 func (r *bodyReader) Read(p []byte) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.off >= len(r.b) {
+	n := 0
+	for i := range r.parts {
+		k := copy(p[n:], r.parts[i])
+		r.parts[i] = r.parts[i][k:]
+		n += k
+	}
+	if n == 0 && len(p) > 0 {
 		return 0, io.EOF
 	}
-	n := copy(p, r.b[r.off:])
-	r.off += n
 	return n, nil
 }
 
@@ -137,7 +166,7 @@ func (r *bodyReader) Close() error {
 	defer r.mu.Unlock()
 	if !r.closed {
 		r.closed = true
-		r.b = nil
+		r.parts = [3][]byte{}
 		if r.buf != nil {
 			r.buf.release()
 		}
@@ -148,8 +177,14 @@ func (r *bodyReader) Close() error {
 // newBodyReader returns a reader over the body the current attempt sends,
 // holding the pooled buffer when that is what it reads.
 func (x *exchange) newBodyReader() *bodyReader {
-	r := &bodyReader{b: x.sent}
-	if x.buf != nil && len(x.sent) > 0 && len(x.buf.b) > 0 && &x.sent[0] == &x.buf.b[0] {
+	s := &x.sent
+	r := &bodyReader{}
+	if s.model == nil {
+		r.parts[0] = s.body
+	} else {
+		r.parts = [3][]byte{s.body[:s.start], s.model, s.body[s.end:]}
+	}
+	if x.buf != nil && len(s.body) > 0 && len(x.buf.b) > 0 && &s.body[0] == &x.buf.b[0] {
 		x.buf.hold()
 		r.buf = x.buf
 	}
@@ -162,7 +197,7 @@ func (x *exchange) reopenBody() (io.ReadCloser, error) { return x.newBodyReader(
 
 // dropBody lets go of the request body: no attempt can follow.
 func (x *exchange) dropBody() {
-	x.body, x.sent = nil, nil
+	x.body, x.sent = nil, sentBody{}
 	if x.buf != nil {
 		x.buf.release()
 		x.buf = nil

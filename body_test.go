@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -62,5 +63,105 @@ func TestReadBodyHoldsWhatArrived(t *testing.T) {
 			t.Fatalf("%d bytes held in a %d-byte buffer, want %d", n, cap(bb.b), want)
 		}
 		bb.release()
+	}
+}
+
+// memBody is a streaming Anthropic request of exactly size bytes: the
+// padding is a system prompt, as in the requests Claude Code sends.
+func memBody(size int) string {
+	head := `{"model":"claude-mem","max_tokens":64,"stream":true,"system":"`
+	tail := `","messages":[{"role":"user","content":"hi"}]}`
+	pad := size - len(head) - len(tail)
+	const line = "You are a careful assistant. "
+	return head + strings.Repeat(line, pad/len(line)+1)[:pad] + tail
+}
+
+// TestFailoverBeforeFirstTokenResendsExactBody: a Claude Code-sized stream
+// request fails over twice before its first token (an overloaded answer,
+// then a 200 whose first event is an error), and every upstream gets the
+// client's bytes exactly; the one that redirects the model gets them with
+// only the model changed. The body is held at its own size and the
+// redirect is spliced in as it is sent, so this is what must not break.
+func TestFailoverBeforeFirstTokenResendsExactBody(t *testing.T) {
+	e := newTestEnv(t)
+	a, b, c := newFakeUpstream(t, "a"), newFakeUpstream(t, "b"), newFakeUpstream(t, "c")
+	a.set(fakeBehavior{Status: 529})
+	b.set(fakeBehavior{FirstEventErr: true})
+	chA := e.addChannel(Channel{Name: "a", URL: a.URL, Priority: 3})
+	chB := e.addChannel(Channel{Name: "b", URL: b.URL, Priority: 2})
+	e.addChannel(Channel{Name: "c", URL: c.URL, Priority: 1, ModelRedirects: map[string]string{"claude-mem": "claude-real-model"}})
+	body := memBody(50000)
+	for round := range 3 { // again, so later requests reuse pooled buffers
+		for _, id := range []int64{chA.ID, chB.ID} { // forget the last round's failures
+			e.app.cool.clearAll(e.app.cool.get(id))
+		}
+		resp, got := e.post("/v1/messages", body)
+		if resp.StatusCode != 200 || !strings.Contains(string(got), "event: message_stop") {
+			t.Fatalf("round %d: status %d, body %.200s", round, resp.StatusCode, got)
+		}
+		for _, up := range []*fakeUpstream{a, b} {
+			reqs := up.requests()
+			if len(reqs) != round+1 || string(reqs[round].Body) != body {
+				t.Fatalf("round %d: upstream %s got %d requests, last body of %d bytes; want the client's %d bytes",
+					round, up.name, len(reqs), len(reqs[len(reqs)-1].Body), len(body))
+			}
+		}
+		want := strings.Replace(body, `"claude-mem"`, `"claude-real-model"`, 1)
+		if reqs := c.requests(); len(reqs) != round+1 || string(reqs[round].Body) != want {
+			t.Fatalf("round %d: redirected body differs (%d bytes, want %d)", round, len(reqs[len(reqs)-1].Body), len(want))
+		}
+		if l := e.lastLog(); l.Attempts != 3 || l.ChannelName != "c" || l.Status != 200 {
+			t.Fatalf("round %d: log attempts %d channel %q status %d", round, l.Attempts, l.ChannelName, l.Status)
+		}
+	}
+}
+
+// TestRedirectSendsNoCopy checks that sending a redirected 50 KB body does
+// not allocate a second copy of it: the new model is spliced in as the
+// bytes go out.
+func TestRedirectSendsNoCopy(t *testing.T) {
+	body := []byte(memBody(50000))
+	info, err := inspectBody(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ent, err := newEntry(Channel{ID: 1, Type: "anthropic", URL: "http://up.invalid", APIKeys: []string{"sk-x"},
+		ModelRedirects: map[string]string{"claude-mem": "claude-real-model"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rl := &relay{}
+	x := &exchange{proto: protoAnthropic, model: info.model, info: info, body: body}
+	req := httptest.NewRequest("POST", "/v1/messages", nil)
+	sink := make([]byte, 4096) // the transport's write buffer
+	var got bytes.Buffer
+	got.Grow(len(body) + 64)
+	send := func() {
+		rl.prepare(req, x, ent, 0)
+		for {
+			n, err := req.Body.Read(sink)
+			if got.Len() < len(body)+64 {
+				got.Write(sink[:n])
+			}
+			if err != nil {
+				break
+			}
+		}
+		req.Body.Close()
+	}
+	send()
+	if want := bytes.Replace(body, []byte(`"claude-mem"`), []byte(`"claude-real-model"`), 1); !bytes.Equal(got.Bytes(), want) ||
+		req.ContentLength != int64(len(want)) {
+		t.Fatalf("sent %d bytes (Content-Length %d), want the body with the model redirected (%d)", got.Len(), req.ContentLength, len(want))
+	}
+	var m0, m1 runtime.MemStats
+	runtime.ReadMemStats(&m0)
+	const runs = 50
+	for range runs {
+		send()
+	}
+	runtime.ReadMemStats(&m1)
+	if per := (m1.TotalAlloc - m0.TotalAlloc) / runs; per > uint64(len(body))/8 {
+		t.Errorf("sending a redirected %d-byte body allocates %d bytes: a copy of it", len(body), per)
 	}
 }

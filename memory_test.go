@@ -220,16 +220,6 @@ func measureStreams(t *testing.T, up *fakeUpstream, target, bin, phase, body str
 	return float64(rss1-rss0) / float64(n)
 }
 
-// memBody is a streaming Anthropic request of exactly size bytes: the
-// padding is a system prompt, as in the requests Claude Code sends.
-func memBody(size int) string {
-	head := `{"model":"claude-mem","max_tokens":64,"stream":true,"system":"`
-	tail := `","messages":[{"role":"user","content":"hi"}]}`
-	pad := size - len(head) - len(tail)
-	const line = "You are a careful assistant. "
-	return head + strings.Repeat(line, pad/len(line)+1)[:pad] + tail
-}
-
 func median(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)

@@ -197,7 +197,7 @@ type exchange struct {
 	info      bodyInfo
 	buf       *bodyBuf // holds body; released once a response is committed
 	body      []byte   // the request body, dropped once a response is committed
-	sent      []byte   // the body as sent to the current attempt (model redirected)
+	sent      sentBody // the body as the current attempt sends it (model redirected)
 
 	plan    plan
 	planBuf [8]*channelEntry
@@ -351,26 +351,25 @@ func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
 
 // prepare points req at channel e with key k and gives it a fresh body.
 func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int) {
-	body := x.body
+	x.sent = sentBody{body: x.body}
 	path := req.URL.Path
 	if m := e.upstreamModel(x.model); m != x.model {
 		if x.proto == protoGemini {
 			path = "/v1beta/models/" + m + ":" + x.gemAction
 		} else {
-			body = withModel(body, x.info, m)
+			x.sent.redirect(x.info, m)
 		}
 	}
 	u := req.URL
 	u.Scheme, u.Host = e.base.Scheme, e.base.Host
 	u.Path, u.RawPath = e.base.Path+path, ""
 	req.Host = ""
-	x.sent = body
-	if len(body) > 0 {
+	if n := x.sent.size(); n > 0 {
 		req.Body, req.GetBody = x.newBodyReader(), x.reopenBody
+		req.ContentLength = int64(n)
 	} else {
-		req.Body, req.GetBody = nil, nil
+		req.Body, req.GetBody, req.ContentLength = nil, nil, 0
 	}
-	req.ContentLength = int64(len(body))
 
 	h := req.Header
 	switch e.proto {
