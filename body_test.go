@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"net/http/httptest"
 	"runtime"
 	"strings"
@@ -163,5 +164,49 @@ func TestRedirectSendsNoCopy(t *testing.T) {
 	runtime.ReadMemStats(&m1)
 	if per := (m1.TotalAlloc - m0.TotalAlloc) / runs; per > uint64(len(body))/8 {
 		t.Errorf("sending a redirected %d-byte body allocates %d bytes: a copy of it", len(body), per)
+	}
+}
+
+// BenchmarkBodyPath is the relay's work on a request body outside the
+// network: read it into its buffer, send it to one upstream (with and
+// without a model redirect) and let it go.
+//
+//	go test -run '^$' -bench BodyPath -benchmem
+func BenchmarkBodyPath(b *testing.B) {
+	plain, _ := newEntry(Channel{ID: 1, Type: "anthropic", URL: "http://up.invalid", APIKeys: []string{"sk-x"}}, nil)
+	redir, _ := newEntry(Channel{ID: 2, Type: "anthropic", URL: "http://up.invalid", APIKeys: []string{"sk-x"},
+		ModelRedirects: map[string]string{"claude-mem": "claude-real-model"}}, nil)
+	for _, size := range []int{512, 50000, 100 << 10} {
+		for _, ent := range []*channelEntry{plain, redir} {
+			name := fmt.Sprintf("%dB", size)
+			if ent == redir {
+				name += "-redirect"
+			}
+			b.Run(name, func(b *testing.B) {
+				body := memBody(size)
+				info, _ := inspectBody([]byte(body))
+				rl := &relay{}
+				sink := make([]byte, 4096)
+				w := httptest.NewRecorder()
+				b.SetBytes(int64(size))
+				for b.Loop() {
+					r := httptest.NewRequest("POST", "/v1/messages", strings.NewReader(body))
+					bb, err := readBody(w, r, 32<<20)
+					if err != nil {
+						b.Fatal(err)
+					}
+					x := &exchange{proto: protoAnthropic, model: info.model, info: info}
+					x.buf, x.body = bb, bb.b
+					rl.prepare(r, x, ent, 0)
+					for {
+						if _, err := r.Body.Read(sink); err != nil {
+							break
+						}
+					}
+					r.Body.Close()
+					x.dropBody()
+				}
+			})
+		}
 	}
 }
