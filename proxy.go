@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -97,32 +98,47 @@ var (
 
 // attemptTimer bounds one attempt: first the wait for the response to
 // begin, then, once it flows, each silence between reads. Either ends the
-// attempt by cancelling its context with the cause.
+// attempt by cancelling its context with the cause. One timer serves both
+// waits, so an open stream holds one timer, not two.
 type attemptTimer struct {
 	t      *time.Timer
 	cancel context.CancelCauseFunc
-	idle   time.Duration // 0 until flowing; then the silence allowed
+	// idle is the silence allowed once the response flows, in
+	// nanoseconds; 0 while it has not begun. Atomic: the timer's function
+	// reads it on the timer's goroutine.
+	idle atomic.Int64
 }
 
 func startAttemptTimer(cancel context.CancelCauseFunc, wait time.Duration) *attemptTimer {
 	at := &attemptTimer{cancel: cancel}
-	at.t = time.AfterFunc(wait, func() { cancel(errFirstByteTimeout) })
+	at.t = time.AfterFunc(wait, at.fire)
 	return at
+}
+
+// fire ends the attempt with the cause of the wait that ran out.
+func (at *attemptTimer) fire() {
+	if at.idle.Load() > 0 {
+		at.cancel(errIdleTimeout)
+	} else {
+		at.cancel(errFirstByteTimeout)
+	}
 }
 
 // flowing switches from the first-byte wait to the idle timeout (0: none).
 func (at *attemptTimer) flowing(idle time.Duration) {
-	at.t.Stop()
+	if !at.t.Stop() {
+		return // the first-byte wait ran out meanwhile: the attempt is over
+	}
 	if idle > 0 {
-		at.idle = idle
-		at.t = time.AfterFunc(idle, func() { at.cancel(errIdleTimeout) })
+		at.idle.Store(int64(idle))
+		at.t.Reset(idle)
 	}
 }
 
 // touch restarts the idle timeout: data just arrived.
 func (at *attemptTimer) touch() {
-	if at.idle > 0 {
-		at.t.Reset(at.idle)
+	if idle := at.idle.Load(); idle > 0 {
+		at.t.Reset(time.Duration(idle))
 	}
 }
 
