@@ -40,6 +40,9 @@ type fakeUpstream struct {
 	// ended receives once per request when its handler returns, so tests
 	// can wait for an upstream request to end without polling.
 	ended chan struct{}
+	// stalled receives once per StallFirst stream when its ping has gone
+	// out: the stream is open and waiting for its first token.
+	stalled chan struct{}
 	// noRecord turns off keeping requests, for load runs.
 	noRecord atomic.Bool
 	// conns counts connections accepted, to check connection reuse.
@@ -146,7 +149,8 @@ const (
 )
 
 func newFakeUpstream(tb testing.TB, name string) *fakeUpstream {
-	f := &fakeUpstream{name: name, release: make(chan struct{}), ended: make(chan struct{}, 1<<16)}
+	f := &fakeUpstream{name: name, release: make(chan struct{}), ended: make(chan struct{}, 1<<16),
+		stalled: make(chan struct{}, 1<<16)}
 	f.Server = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
 	f.Server.Config.ConnState = func(_ net.Conn, st http.ConnState) {
 		if st == http.StateNew {
@@ -769,6 +773,10 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 			send(sseEvent("ping", map[string]any{"type": "ping"}))
 		} else {
 			send([]byte(": keep-alive\n\n"))
+		}
+		select {
+		case f.stalled <- struct{}{}:
+		default:
 		}
 		select {
 		case <-r.Context().Done():

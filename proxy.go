@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -100,32 +101,47 @@ var (
 
 // attemptTimer bounds one attempt: first the wait for the response to
 // begin, then, once it flows, each silence between reads. Either ends the
-// attempt by cancelling its context with the cause.
+// attempt by cancelling its context with the cause. One timer serves both
+// waits, so an open stream holds one timer, not two.
 type attemptTimer struct {
 	t      *time.Timer
 	cancel context.CancelCauseFunc
-	idle   time.Duration // 0 until flowing; then the silence allowed
+	// idle is the silence allowed once the response flows, in
+	// nanoseconds; 0 while it has not begun. Atomic: the timer's function
+	// reads it on the timer's goroutine.
+	idle atomic.Int64
 }
 
 func startAttemptTimer(cancel context.CancelCauseFunc, wait time.Duration) *attemptTimer {
 	at := &attemptTimer{cancel: cancel}
-	at.t = time.AfterFunc(wait, func() { cancel(errFirstByteTimeout) })
+	at.t = time.AfterFunc(wait, at.fire)
 	return at
+}
+
+// fire ends the attempt with the cause of the wait that ran out.
+func (at *attemptTimer) fire() {
+	if at.idle.Load() > 0 {
+		at.cancel(errIdleTimeout)
+	} else {
+		at.cancel(errFirstByteTimeout)
+	}
 }
 
 // flowing switches from the first-byte wait to the idle timeout (0: none).
 func (at *attemptTimer) flowing(idle time.Duration) {
-	at.t.Stop()
+	if !at.t.Stop() {
+		return // the first-byte wait ran out meanwhile: the attempt is over
+	}
 	if idle > 0 {
-		at.idle = idle
-		at.t = time.AfterFunc(idle, func() { at.cancel(errIdleTimeout) })
+		at.idle.Store(int64(idle))
+		at.t.Reset(idle)
 	}
 }
 
 // touch restarts the idle timeout: data just arrived.
 func (at *attemptTimer) touch() {
-	if at.idle > 0 {
-		at.t.Reset(at.idle)
+	if idle := at.idle.Load(); idle > 0 {
+		at.t.Reset(time.Duration(idle))
 	}
 }
 
@@ -200,7 +216,7 @@ type exchange struct {
 	info      bodyInfo
 	buf       *bodyBuf // holds body; released once a response is committed
 	body      []byte   // the request body, dropped once a response is committed
-	sent      []byte   // the body as sent to the current attempt (model redirected)
+	sent      sentBody // the body as the current attempt sends it (model redirected)
 
 	plan    plan
 	planBuf [8]*channelEntry
@@ -356,26 +372,25 @@ func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
 
 // prepare points req at channel e with key k and gives it a fresh body.
 func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int) {
-	body := x.body
+	x.sent = sentBody{body: x.body}
 	path := req.URL.Path
 	if m := e.upstreamModel(x.model); m != x.model {
 		if x.proto == protoGemini {
 			path = "/v1beta/models/" + m + ":" + x.gemAction
 		} else {
-			body = withModel(body, x.info, m)
+			x.sent.redirect(x.info, m)
 		}
 	}
 	u := req.URL
 	u.Scheme, u.Host = e.base.Scheme, e.base.Host
 	u.Path, u.RawPath = e.base.Path+path, ""
 	req.Host = ""
-	x.sent = body
-	if len(body) > 0 {
+	if n := x.sent.size(); n > 0 {
 		req.Body, req.GetBody = x.newBodyReader(), x.reopenBody
+		req.ContentLength = int64(n)
 	} else {
-		req.Body, req.GetBody = nil, nil
+		req.Body, req.GetBody, req.ContentLength = nil, nil, 0
 	}
-	req.ContentLength = int64(len(body))
 
 	h := req.Header
 	switch e.proto {

@@ -257,6 +257,10 @@ func lastBoundary(b []byte) int {
 // cut stream ends on an event boundary.
 const maxHeldEvent = 1 << 20
 
+// firstEventBuf is what a stream waiting for its first content event holds
+// to start with (see waitFirst).
+const firstEventBuf = 1 << 10
+
 // bufPool recycles the buffers that hold a partial event. A stream that is
 // idle between events holds none.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
@@ -313,8 +317,12 @@ func (b *sseBody) arrived(n int) {
 
 // waitFirst reads until the first content event. It returns the early error
 // event if one came first, or the read error (io.EOF for an empty stream).
+//
+// The wait is most of a stream's life while the model thinks, and what
+// comes before the first token is small (a ping, message_start), so the
+// buffer starts at firstEventBuf and grows only if the events need more.
 func (b *sseBody) waitFirst() (*upstreamError, error) {
-	b.pend = getBuf()
+	b.pend = make([]byte, 0, firstEventBuf)
 	for !b.scan.sawContent && b.scan.earlyErr == nil {
 		if len(b.pend) == cap(b.pend) {
 			b.pend = append(b.pend, 0)[:len(b.pend)]

@@ -239,3 +239,32 @@ func FuzzClassifyEventSpacing(f *testing.F) {
 		}
 	})
 }
+
+// TestSSEFirstEventBufferGrowsOnDemand checks what a stream waiting for its
+// first token holds: firstEventBuf for the usual small preamble, and more
+// only when the events before the first token need it (a large
+// message_start), which then reach the client intact.
+func TestSSEFirstEventBufferGrowsOnDemand(t *testing.T) {
+	src := &chunkReader{data: []byte("event: ping\ndata: {\"type\":\"ping\"}\n\n")}
+	b := &sseBody{src: src, scan: sseScanner{proto: protoAnthropic}}
+	if _, err := b.waitFirst(); !errors.Is(err, io.EOF) {
+		t.Fatalf("pings only: %v; want EOF", err)
+	}
+	if cap(b.pend) != firstEventBuf {
+		t.Errorf("a stream waiting after a ping holds %d bytes; want %d", cap(b.pend), firstEventBuf)
+	}
+	b.Close()
+
+	big := "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"" +
+		strings.Repeat("m", 5000) + "\"}}\n\n"
+	stream := big + anthropicStream[strings.Index(anthropicStream, "event: ping"):]
+	for _, split := range []int{100, 1500, len(stream)} {
+		chunks, end, _, err := relaySSE(t, &chunkReader{data: []byte(stream), sizes: []int{split, split, split, split, split, split, split, split}}, 8192)
+		if err != nil || end.incomplete {
+			t.Fatalf("split %d: %v, end %+v", split, err, end)
+		}
+		if got := strings.Join(chunks, ""); got != stream {
+			t.Fatalf("split %d: relayed stream differs (%d of %d bytes)", split, len(got), len(stream))
+		}
+	}
+}
