@@ -28,6 +28,7 @@ type relay struct {
 	logs     *logWriter
 	metrics  *metrics
 	auth     *clientAuth
+	alerts   *alerter          // hears a model go down; nil: nobody
 	upstream http.RoundTripper // the real transport to the channels
 	Now      func() time.Time
 
@@ -428,6 +429,9 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 				break // the next key would fail alike: next channel
 			}
 		}
+	}
+	if !x.probe && !x.aux && len(x.tries) > 0 {
+		rl.alerts.modelDown(x.model, len(x.tries), x.errText)
 	}
 	if last == nil {
 		return nil, &exhaustedError{x: x, free: rl.firstFree(x)}
