@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -13,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/chromedp/chromedp"
 )
 
 // hookReceiver is a real loopback webhook receiver. It answers status
@@ -484,4 +487,44 @@ func TestParseWebhooks(t *testing.T) {
 	if _, err := loadConfig(func(k string) string { return map[string]string{"CCLOAD_WEBHOOK_QUIET": "soon"}[k] }); err == nil {
 		t.Error("a bad CCLOAD_WEBHOOK_QUIET was accepted")
 	}
+}
+
+// testBrowserWebhooks shows webhook health on the dashboard, in English and
+// Chinese, and sends a test event from it (run by TestBrowser).
+func testBrowserWebhooks(t *testing.T, bctx context.Context) {
+	good, bad := newHookReceiver(t), newHookReceiver(t)
+	bad.status.Store(500)
+	e := newTestEnv(t, withWebhooks(0, good, bad))
+	al := e.app.alerts
+	al.raise(alertScope{event: evModelDown, keyIndex: -1, model: "m"}, alertEvent{Model: "m", Message: "all failed"})
+	waitDelivered(t, al, 0, 1)
+	waitDelivered(t, al, 1, 1)
+	good.next(t)
+
+	b := newBrowser(t, bctx, e)
+	b.loginAt("#/dashboard", "#webhook-list li")
+	goodSel := fmt.Sprintf(`#webhook-list li[data-target=%q]`, good.Listener.Addr().String())
+	badSel := fmt.Sprintf(`#webhook-list li[data-target=%q]`, bad.Listener.Addr().String())
+	if s := b.text(goodSel); !strings.Contains(s, "working") || !strings.Contains(s, "1 sent") {
+		t.Errorf("good webhook = %q; want working, 1 sent", s)
+	}
+	if s := b.text(badSel); !strings.Contains(s, "failing") || !strings.Contains(s, "1 given up") || !strings.Contains(s, "500") {
+		t.Errorf("failing webhook = %q; want failing, 1 given up, the 500", s)
+	}
+	if s := b.text("#webhook-status"); strings.Contains(s, "secret-token") {
+		t.Errorf("the dashboard shows a webhook token: %q", s)
+	}
+	b.do("send a test event", chromedp.Click(chromedp.CSS("#webhook-test")))
+	if ev := good.next(t); ev.Event != evTest {
+		t.Errorf("test event: %+v", ev)
+	}
+	b.waitJS("the failure toast", `[...document.querySelectorAll('.toast.error')].some(el => el.textContent.includes('500'))`)
+	b.shot("dashboard-webhooks")
+
+	b.do("switch to Chinese", chromedp.Click(chromedp.CSS("#lang-toggle")))
+	b.waitJS("Chinese webhook line", `document.querySelector('#webhook-status')?.textContent.includes('告警 Webhook')`)
+	if s := b.text(badSel); !strings.Contains(s, "投递失败") {
+		t.Errorf("failing webhook in Chinese = %q", s)
+	}
+	b.do("back to English", chromedp.Click(chromedp.CSS("#lang-toggle")))
 }

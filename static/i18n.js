@@ -78,6 +78,15 @@ export const messages = {
     'redis.down': 'unavailable',
     'redis.pending': 'waiting for the first write',
 
+    'hooks.title': 'Alert webhooks:',
+    'hooks.off': 'not configured',
+    'hooks.ok': 'working',
+    'hooks.failing': 'failing',
+    'hooks.counts': '{sent} sent, {failed} given up, {dropped} dropped',
+    'hooks.test': 'Send test event',
+    'hooks.testOk': 'Test event delivered to every webhook',
+    'hooks.testFailed': 'Test event failed: {list}',
+
     'type.anthropic': 'Anthropic',
     'type.openai': 'OpenAI / Codex',
     'type.gemini': 'Gemini',
@@ -289,6 +298,15 @@ export const messages = {
     'redis.synced': '备份含 {n} 个渠道，写入于 {ago}',
     'redis.down': '不可用',
     'redis.pending': '等待首次写入',
+
+    'hooks.title': '告警 Webhook：',
+    'hooks.off': '未配置',
+    'hooks.ok': '正常',
+    'hooks.failing': '投递失败',
+    'hooks.counts': '已发送 {sent}，放弃 {failed}，丢弃 {dropped}',
+    'hooks.test': '发送测试事件',
+    'hooks.testOk': '测试事件已送达所有 webhook',
+    'hooks.testFailed': '测试事件失败：{list}',
 
     'type.anthropic': 'Anthropic',
     'type.openai': 'OpenAI / Codex',
