@@ -139,6 +139,20 @@ func loadConfig(getenv func(string) string) (config, error) {
 		}
 		c.Alerts.Quiet = d
 	}
+	if v := getenv("CCLOAD_MAX_EVENT"); v != "" {
+		n, err := parseSize(v)
+		if err != nil || n < 64<<10 || n > 1<<30 {
+			errs = append(errs, fmt.Errorf("CCLOAD_MAX_EVENT=%q: want a size from 64KiB to 1GiB, like 16MiB", v))
+		}
+		c.MaxEvent = int(n)
+	}
+	if v := getenv("CCLOAD_MAX_RESPONSE"); v != "" {
+		n, err := parseSize(v)
+		if err != nil || n < 1<<20 {
+			errs = append(errs, fmt.Errorf("CCLOAD_MAX_RESPONSE=%q: want a size of at least 1MiB, like 256MiB", v))
+		}
+		c.MaxResponse = n
+	}
 	if v := getenv("CCLOAD_LOG_LEVEL"); v != "" {
 		if err := c.LogLevel.UnmarshalText([]byte(strings.TrimSpace(v))); err != nil {
 			errs = append(errs, fmt.Errorf("CCLOAD_LOG_LEVEL=%q: want DEBUG, INFO, WARN or ERROR", v))

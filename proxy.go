@@ -53,6 +53,12 @@ type relayConfig struct {
 	// MaxBody is the largest request body accepted (413 above it). Zero
 	// means 32 MiB.
 	MaxBody int64
+	// MaxEvent is the largest SSE event relayed; a larger one is an
+	// upstream failure (see sse.go). Zero means 16 MiB.
+	MaxEvent int
+	// MaxResponse is the largest non-stream response body relayed; a
+	// larger one is cut off and blamed (see hostile.go). Zero means 256 MiB.
+	MaxResponse int64
 }
 
 func (c *relayConfig) firstByteWait() time.Duration {
@@ -141,12 +147,13 @@ func newUpstreamTransport() *http.Transport {
 			Timeout:   10 * time.Second,
 			KeepAlive: 30 * time.Second,
 		}).DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          0, // no global limit; per host below
-		MaxIdleConnsPerHost:   512,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   10 * time.Second,
-		ExpectContinueTimeout: time.Second,
+		ForceAttemptHTTP2:      true,
+		MaxIdleConns:           0, // no global limit; per host below
+		MaxIdleConnsPerHost:    512,
+		IdleConnTimeout:        90 * time.Second,
+		TLSHandshakeTimeout:    10 * time.Second,
+		ExpectContinueTimeout:  time.Second,
+		MaxResponseHeaderBytes: maxResponseHeader,
 	}
 }
 
@@ -504,10 +511,19 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	case s >= 200 && s < 300:
 		return rl.accept(ctx, actx, res, x, at)
 	case clientFault(s):
-		// The client's own error: it goes back as is, nothing cools.
+		// The client's own error: it goes back as is (but for our key),
+		// nothing cools. A body longer than an error document is no echo
+		// of ours and streams on.
+		head, herr := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
+		src := res.Body
+		if herr == nil && len(head) <= maxErrorBody {
+			res.Body.Close()
+			head = redactKeys(head, e.ch.APIKeys)
+			res, src = bufferedResponse(res, head), http.NoBody
+		}
 		at.flowing(rl.idleWait())
 		rl.commit(x, s, false)
-		res.Body = &plainBody{src: res.Body, keepTail: true, wantError: true,
+		res.Body = &plainBody{src: src, head: head, keepTail: true, wantError: true, limit: rl.maxResponse(),
 			onClose: func(end streamEnd) { rl.settle(x, end); at.stop() }}
 		return res, verdict{}, nil
 	}
@@ -516,6 +532,7 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	if rerr != nil && ctx.Err() != nil {
 		return nil, verdict{}, errClientGone
 	}
+	body = redactKeys(body, e.ch.APIKeys)
 	ue, isDoc := parseErrorDoc(body)
 	ev := evidence{status: res.StatusCode, apiDoc: isDoc, aux: x.aux, header: res.Header}
 	if isDoc && ue.message != "" {
@@ -566,7 +583,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	}
 	ct := mediaType(res.Header.Get("Content-Type"))
 	if ct == "text/event-stream" {
-		sb := &sseBody{src: res.Body, scan: sseScanner{proto: x.proto},
+		sb := &sseBody{src: res.Body, scan: sseScanner{proto: x.proto}, maxEvent: rl.MaxEvent,
 			clientGone: func() bool { return ctx.Err() != nil }}
 		if x.responses {
 			sb.scan.rs = newResponsesState()
@@ -633,7 +650,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	}
 	at.flowing(idle)
 	rl.commit(x, res.StatusCode, true)
-	res.Body = &plainBody{src: rest, head: head, pooled: head, keepTail: true, touch: at.touch, explain: explain,
+	res.Body = &plainBody{src: rest, head: head, pooled: head, keepTail: true, touch: at.touch, explain: explain, limit: rl.maxResponse(),
 		onClose: func(end streamEnd) { rl.settle(x, end); at.stop() }}
 	return res, verdict{}, nil
 }
@@ -642,6 +659,8 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 // for. The client sees nothing of it unless it is the last answer, and then
 // as a plain error response with the status the error names.
 func (rl *relay) errorIn200(x *exchange, res *http.Response, ue *upstreamError, doc []byte, at *attemptTimer) (*http.Response, verdict, error) {
+	keys := x.tries[len(x.tries)-1].entry.ch.APIKeys
+	doc, ue.message = redactKeys(doc, keys), string(redactKeys([]byte(ue.message), keys))
 	v := rl.judge(evidence{status: ue.status, apiDoc: true, aux: x.aux, header: res.Header,
 		reason: "error in a 200 response: " + truncate(ue.message, 160)})
 	synth := bufferedResponse(&http.Response{
@@ -699,8 +718,9 @@ func (rl *relay) settle(x *exchange, end streamEnd) {
 	case end.incomplete:
 		ev = evidence{status: http.StatusBadGateway, reason: "upstream closed the stream before it finished"}
 	case end.lateErr != nil:
+		msg := redactKeys([]byte(end.lateErr.message), x.tries[x.served].entry.ch.APIKeys)
 		ev = evidence{status: end.lateErr.status, apiDoc: true, aux: x.aux,
-			reason: "error event mid-stream: " + truncate(end.lateErr.message, 160)}
+			reason: "error event mid-stream: " + truncate(string(msg), 160)}
 	default:
 		return
 	}

@@ -1,0 +1,316 @@
+package main
+
+import (
+	"io"
+	"net/http"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Hostile upstreams (issue 13 part 3, README "Hostile upstreams"): one test
+// per case, each against the real relay and the fake's hostile modes.
+
+// waitEnded waits until the upstream's handler for one request returned:
+// the relay let go of it.
+func waitEnded(t *testing.T, f *fakeUpstream) {
+	t.Helper()
+	select {
+	case <-f.ended:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("upstream %s: the relay never let go of the request", f.name)
+	}
+}
+
+// heapInUse is the live heap after a collection.
+func heapInUse() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapInuse
+}
+
+// TestHostileEndlessEventBeforeCommit: a stream whose first event never
+// ends is cut at the cap and fails over unseen; the client gets the next
+// channel's answer.
+func TestHostileEndlessEventBeforeCommit(t *testing.T) {
+	e := newTestEnv(t, func(c *config) { c.MaxEvent = 256 << 10 })
+	bad, good := newFakeUpstream(t, "bad"), newFakeUpstream(t, "good")
+	bad.set(fakeBehavior{EndlessEvent: true})
+	badCh := e.addChannel(Channel{Name: "bad", URL: bad.URL, Priority: 10})
+	goodCh := e.addChannel(Channel{Name: "good", URL: good.URL})
+	resp, body := e.post("/v1/messages", anthropicBody("m", true))
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "message_stop") || strings.Contains(string(body), "xxxx") {
+		t.Fatalf("status %d, body %.300s; want good's whole stream and none of bad's bytes", resp.StatusCode, body)
+	}
+	waitEnded(t, bad)
+	row := e.lastLog()
+	if row.ChannelID != goodCh.ID || row.Status != 200 || len(row.Tries) != 2 || row.Tries[0].ChannelID != badCh.ID ||
+		row.Tries[0].Status != 502 || !strings.Contains(row.Tries[0].Error, "SSE event larger than 256KiB") {
+		t.Errorf("log row: %+v", row)
+	}
+	if st := e.health(badCh.ID); st.CooldownUntil == nil {
+		t.Error("the channel that sent an endless event does not cool")
+	}
+}
+
+// TestHostileEndlessEventAfterCommit: once content flowed, an endless
+// event ends the stream with the protocol's error event; none of it is
+// relayed as content, and the relay holds at most the cap.
+func TestHostileEndlessEventAfterCommit(t *testing.T) {
+	e := newTestEnv(t) // the default cap, 16 MiB
+	up := newFakeUpstream(t, "up")
+	up.set(fakeBehavior{EndlessEvent: true, EndlessAfter: 2, Deltas: 5})
+	ch := e.addChannel(Channel{Name: "up", URL: up.URL})
+	before := heapInUse()
+	resp, body := e.post("/v1/messages", anthropicBody("m", true))
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	s := string(body)
+	if strings.Count(s, "text_delta") != 2 || strings.Contains(s, "xxxx") || !strings.Contains(s, "event: error") ||
+		!strings.Contains(s, "SSE event larger than 16MiB") || len(body) > 64<<10 {
+		t.Errorf("body (%d bytes): %.600s; want two deltas, then an error event, and nothing of the endless event", len(body), s)
+	}
+	waitEnded(t, up)
+	if grew := int64(heapInUse()) - int64(before); grew > 8<<20 {
+		t.Errorf("the heap grew by %d MiB after the stream ended", grew>>20)
+	}
+	row := e.lastLog()
+	if row.Status != 502 || !strings.Contains(row.Error, "SSE event larger than") {
+		t.Errorf("log row: status %d, error %q", row.Status, row.Error)
+	}
+	if st := e.health(ch.ID); st.CooldownUntil == nil {
+		t.Error("the channel does not cool")
+	}
+}
+
+// TestHostileTrickle: a stream that trickles one byte at a time into an
+// event that never completes is idle as far as the relay can tell: the
+// idle timeout counts whole events, so it ends the stream.
+func TestHostileTrickle(t *testing.T) {
+	e := newTestEnv(t, func(c *config) { c.IdleTimeout = 300 * time.Millisecond })
+	up := newFakeUpstream(t, "drip")
+	up.set(fakeBehavior{EndlessEvent: true, EndlessAfter: 1, Trickle: 10 * time.Millisecond})
+	e.addChannel(Channel{Name: "drip", URL: up.URL})
+	start := time.Now()
+	resp, body := e.post("/v1/messages", anthropicBody("m", true))
+	took := time.Since(start)
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "event: error") || strings.Contains(string(body), "xx") {
+		t.Errorf("status %d, body %.400s; want the delta, then an error event", resp.StatusCode, body)
+	}
+	if took > 5*time.Second {
+		t.Errorf("a trickling stream ran %s; want it cut after the 300ms idle timeout", took)
+	}
+	waitEnded(t, up)
+	if row := e.lastLog(); row.Status != 502 {
+		t.Errorf("log status %d; want 502", row.Status)
+	}
+}
+
+// TestHostileHugeHeaders: response headers over the transport's limit are
+// a dead upstream: fail over.
+func TestHostileHugeHeaders(t *testing.T) {
+	e := newTestEnv(t)
+	bad, good := newFakeUpstream(t, "bad"), newFakeUpstream(t, "good")
+	bad.set(fakeBehavior{HugeHeader: 2 << 20})
+	badCh := e.addChannel(Channel{Name: "bad", URL: bad.URL, Priority: 10})
+	e.addChannel(Channel{Name: "good", URL: good.URL})
+	resp, body := e.post("/v1/messages", anthropicBody("m", false))
+	if resp.StatusCode != 200 || resp.Header.Get("X-Huge") != "" {
+		t.Fatalf("status %d, body %.200s", resp.StatusCode, body)
+	}
+	row := e.lastLog()
+	if len(row.Tries) != 2 || row.Tries[0].ChannelID != badCh.ID || !strings.Contains(row.Tries[0].Error, "headers exceeded") {
+		t.Errorf("tries: %+v", row.Tries)
+	}
+}
+
+// TestHostileGzipBombError: an error answer that inflates to a gigabyte is
+// read only as far as an error document can go; failover is prompt.
+func TestHostileGzipBombError(t *testing.T) {
+	e := newTestEnv(t)
+	bad, good := newFakeUpstream(t, "bad"), newFakeUpstream(t, "good")
+	bad.set(fakeBehavior{Status: 503, GzipBomb: 1 << 30})
+	e.addChannel(Channel{Name: "bad", URL: bad.URL, Priority: 10})
+	e.addChannel(Channel{Name: "good", URL: good.URL})
+	start := time.Now()
+	resp, body := e.post("/v1/messages", anthropicBody("m", false))
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d, body %.200s", resp.StatusCode, body)
+	}
+	if took := time.Since(start); took > 3*time.Second {
+		t.Errorf("failover past a gzip bomb took %s", took)
+	}
+	if row := e.lastLog(); len(row.Tries) != 2 || row.Tries[0].Status != 503 || !strings.Contains(row.Tries[0].Error, "gzip bomb follows") {
+		t.Errorf("tries: %+v", row.Tries)
+	}
+	// Only the bad channel: its 503 is the answer, cut to an error
+	// document's size.
+	e2 := newTestEnv(t)
+	e2.addChannel(Channel{Name: "bad", URL: bad.URL})
+	resp, body = e2.post("/v1/messages", anthropicBody("m", false))
+	if resp.StatusCode != 503 || len(body) > maxErrorBody {
+		t.Errorf("status %d, %d bytes; want 503 and at most %d bytes", resp.StatusCode, len(body), maxErrorBody)
+	}
+}
+
+// TestHostileGzipBomb200: a 200 that inflates past CCLOAD_MAX_RESPONSE is
+// cut there and blamed; the relay never holds it.
+func TestHostileGzipBomb200(t *testing.T) {
+	e := newTestEnv(t, func(c *config) { c.MaxResponse = 4 << 20 })
+	up := newFakeUpstream(t, "bomb")
+	up.set(fakeBehavior{GzipBomb: 1 << 30})
+	ch := e.addChannel(Channel{Name: "bomb", URL: up.URL})
+	req, _ := http.NewRequest("POST", e.URL+"/v1/messages", strings.NewReader(anthropicBody("m", false)))
+	req.Header.Set("Content-Type", "application/json")
+	start := time.Now()
+	resp, err := e.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, rerr := io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if rerr == nil || n > 5<<20 {
+		t.Errorf("client read %d bytes, err %v; want the body broken off near 4 MiB", n, rerr)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("took %s", took)
+	}
+	waitEnded(t, up)
+	row := e.lastLog()
+	if row.Status != 502 || !strings.Contains(row.Error, "CCLOAD_MAX_RESPONSE") {
+		t.Errorf("log: status %d, error %q", row.Status, row.Error)
+	}
+	if st := e.health(ch.ID); st.CooldownUntil == nil {
+		t.Error("the channel does not cool")
+	}
+}
+
+// TestHostileBigBody: a huge non-stream body streams through in constant
+// memory while under the cap, and is cut at it.
+func TestHostileBigBody(t *testing.T) {
+	e := newTestEnv(t, func(c *config) { c.MaxResponse = 64 << 20 })
+	up := newFakeUpstream(t, "big")
+	e.addChannel(Channel{Name: "big", URL: up.URL})
+	up.set(fakeBehavior{BigBody: 48 << 20})
+	before := heapInUse()
+	req, _ := http.NewRequest("POST", e.URL+"/v1/messages", strings.NewReader(anthropicBody("m", false)))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := e.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Read slowly at first: the relay must not buffer what the client has
+	// not taken.
+	buf := make([]byte, 1<<20)
+	if _, err := io.ReadFull(resp.Body, buf); err != nil {
+		t.Fatal(err)
+	}
+	if grew := int64(heapInUse()) - int64(before); grew > 16<<20 {
+		t.Errorf("the heap grew by %d MiB with a 48 MiB body in flight", grew>>20)
+	}
+	n, err := io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err != nil || n+int64(len(buf)) < 48<<20 {
+		t.Errorf("read %d bytes, %v; want the whole 48 MiB", n+int64(len(buf)), err)
+	}
+	if row := e.lastLog(); row.Status != 200 {
+		t.Errorf("log status %d", row.Status)
+	}
+
+	up.set(fakeBehavior{BigBody: 100 << 20})
+	resp, err = e.client.Do(mustRequest(t, e.URL+"/v1/messages", anthropicBody("m", false)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err == nil || n > 65<<20 {
+		t.Errorf("read %d bytes, %v; want the body cut near 64 MiB", n, err)
+	}
+	if row := e.lastLog(); row.Status != 502 || !strings.Contains(row.Error, "CCLOAD_MAX_RESPONSE") {
+		t.Errorf("log: status %d, error %q", row.Status, row.Error)
+	}
+}
+
+func mustRequest(t *testing.T, url, body string) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest("POST", url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	return req
+}
+
+// TestHostileEchoedKey: an upstream that quotes the request's headers, our
+// key among them, in its error: the key reaches neither the client, nor
+// the log, nor the admin API, nor a webhook.
+func TestHostileEchoedKey(t *testing.T) {
+	const key = "sk-ant-echoed-secret-0123456789"
+	hook := newHookReceiver(t)
+	e := newTestEnv(t, withWebhooks(0, hook))
+	up := newFakeUpstream(t, "echo")
+	ch := e.addChannel(Channel{Name: "echo", URL: up.URL, APIKeys: []string{key}})
+	tok := e.login()
+	check := func(where string, b []byte) {
+		t.Helper()
+		if strings.Contains(string(b), key) || strings.Contains(string(b), "echoed-secret") {
+			t.Errorf("the key reached %s: %.400s", where, b)
+		}
+	}
+	for _, b := range []fakeBehavior{
+		{EchoHeaders: true},              // 401: the key cools, and the answer is the last one
+		{EchoHeaders: true, Status: 400}, // the client's own error, relayed as is
+		{EchoHeaders: true, Status: 500},
+	} {
+		up.set(b)
+		e.app.cool.clearAll(e.app.cool.get(ch.ID))
+		resp, body := e.post("/v1/messages", anthropicBody("m", false))
+		if resp.StatusCode != b.Status && !(b.Status == 0 && resp.StatusCode == 401) {
+			t.Errorf("status %d for an echoing %d", resp.StatusCode, b.Status)
+		}
+		if !strings.Contains(string(body), "[redacted]") {
+			t.Errorf("status %d: body %.300s; want the echo with the key redacted", resp.StatusCode, body)
+		}
+		check("the client", body)
+	}
+	e.settle()
+	_, logs := e.admin(tok, "GET", "/admin/logs?limit=10", "")
+	check("the admin log", logs)
+	if !strings.Contains(string(logs), "[redacted]") {
+		t.Errorf("the log lost the upstream's message: %.300s", logs)
+	}
+	up.set(fakeBehavior{EchoHeaders: true})
+	e.post("/v1/messages", anthropicBody("m", false))
+	_, chs := e.admin(tok, "GET", "/admin/channels", "")
+	check("the admin channels API", chs)
+	ev, _ := hook.nextEvent(t, evKeyAuthFailed)
+	if !strings.Contains(ev.Message, "[redacted]") {
+		t.Errorf("webhook message %q; want the echo, redacted", ev.Message)
+	}
+	for _, b := range hook.bodies() {
+		check("a webhook", []byte(b))
+	}
+}
+
+// TestHostileConfig: the caps read from the environment, and refuse
+// nonsense.
+func TestHostileConfig(t *testing.T) {
+	c, err := loadConfig(func(k string) string {
+		return map[string]string{"CCLOAD_MAX_EVENT": "4MiB", "CCLOAD_MAX_RESPONSE": "1GiB"}[k]
+	})
+	if err != nil || c.MaxEvent != 4<<20 || c.maxResponse() != 1<<30 {
+		t.Errorf("got %d, %d, %v", c.MaxEvent, c.maxResponse(), err)
+	}
+	for _, bad := range []map[string]string{{"CCLOAD_MAX_EVENT": "10"}, {"CCLOAD_MAX_RESPONSE": "lots"}} {
+		if _, err := loadConfig(func(k string) string { return bad[k] }); err == nil {
+			t.Errorf("%v accepted", bad)
+		}
+	}
+	if d := (&relayConfig{}).maxResponse(); d != defaultMaxResponse {
+		t.Errorf("default max response %d", d)
+	}
+}
