@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"errors"
+
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 )
 
 // Defences against upstreams that misbehave on purpose or by accident
@@ -47,4 +50,19 @@ func redactKeys(body []byte, keys []string) []byte {
 		body = bytes.ReplaceAll(body, []byte(k), []byte("[redacted]"))
 	}
 	return body
+}
+
+// errStorageFull is a write the database refused for want of space. The
+// transaction rolled back, so nothing changed; the admin hears 503 and can
+// try again once space returns, which needs no restart.
+var errStorageFull = errors.New("the database cannot be written: the disk is full; nothing was changed, try again once space is freed")
+
+// storageFull reports whether err is SQLite's "database or disk is full"
+// (or an I/O error writing, which is how a full disk can show in WAL mode).
+func storageFull(err error) bool {
+	var se *sqlite.Error
+	if !errors.As(err, &se) {
+		return false
+	}
+	return se.Code()&0xff == sqlite3.SQLITE_FULL || se.Code() == sqlite3.SQLITE_IOERR_WRITE
 }

@@ -1,8 +1,13 @@
 package main
 
 import (
+	"context"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"testing"
@@ -312,5 +317,90 @@ func TestHostileConfig(t *testing.T) {
 	}
 	if d := (&relayConfig{}).maxResponse(); d != defaultMaxResponse {
 		t.Errorf("default max response %d", d)
+	}
+}
+
+// TestHostileDiskFull puts the database on a small tmpfs and fills it: the
+// proxy keeps serving, lost log rows are counted on /metrics and the
+// dashboard's summary, admin writes get a clear 503 and change nothing, and
+// everything works again by itself once space is freed. It needs to mount
+// (root, as in CI); elsewhere it says loudly that it did not run.
+func TestHostileDiskFull(t *testing.T) {
+	mnt := filepath.Join(t.TempDir(), "small")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Skipf("SKIPPING: cannot mount a tmpfs (%v: %s), so a full disk is NOT TESTED; run as root", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+	e := newTestEnv(t, func(c *config) { c.SQLitePath = filepath.Join(mnt, "ccload.db") })
+	up := newFakeUpstream(t, "up")
+	e.addChannel(Channel{Name: "up", URL: up.URL})
+	tok := e.login()
+	ctx := context.Background()
+	serve := func(n int) {
+		t.Helper()
+		for range n {
+			if resp, body := e.post("/v1/messages", anthropicBody("m", false)); resp.StatusCode != 200 {
+				t.Fatalf("the proxy stopped serving: %d %s", resp.StatusCode, body)
+			}
+		}
+		if err := e.app.logs.flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	serve(5)
+
+	// Fill the disk.
+	filler := filepath.Join(mnt, "filler")
+	f, err := os.Create(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 64<<10)
+	for {
+		if _, err := f.Write(chunk); err != nil {
+			break
+		}
+	}
+	f.Close()
+
+	// Log rows fail once the WAL needs room it cannot get; the proxy
+	// serves on.
+	for i := 0; e.app.logs.failed.Load() == 0; i++ {
+		if i == 200 {
+			t.Fatalf("no log write failed after %d requests on a full disk", i*50)
+		}
+		serve(50)
+	}
+	_, metrics := e.do("GET", "/metrics", "", nil)
+	if !regexp.MustCompile(`ccload_log_failed_total [1-9]`).Match(metrics) {
+		t.Errorf("/metrics does not count the lost rows")
+	}
+	st, body := e.admin(tok, "GET", "/admin/summary", "")
+	if st != 200 || !regexp.MustCompile(`"log_rows_lost":[1-9]`).Match(body) {
+		t.Errorf("summary: %d %s; want log_rows_lost > 0", st, body)
+	}
+	before, _ := e.app.store.ListChannels(ctx)
+	st, body = e.admin(tok, "POST", "/admin/channels", `{"name":"while-full","url":"https://x.example.com","api_key":"sk-while-full-1234"}`)
+	if st != 503 || !strings.Contains(string(body), "disk is full") {
+		t.Errorf("admin write on a full disk: %d %s; want 503 saying the disk is full", st, body)
+	}
+	if after, _ := e.app.store.ListChannels(ctx); len(after) != len(before) {
+		t.Errorf("a refused write changed the channels: %d, then %d", len(before), len(after))
+	}
+
+	// Space returns: no restart needed.
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	written := e.app.logs.written.Load()
+	serve(5)
+	if e.app.logs.written.Load() < written+5 {
+		t.Errorf("log rows are not written again after space returned")
+	}
+	if st, body := e.admin(tok, "POST", "/admin/channels", `{"name":"after-full","url":"https://x.example.com","api_key":"sk-after-full-1234"}`); st != 201 {
+		t.Errorf("admin write after space returned: %d %s", st, body)
 	}
 }

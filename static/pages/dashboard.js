@@ -63,6 +63,9 @@ export function render(root, ctx) {
       card(t('dash.errors'), fmtNum(s.errors), null, s.errors ? 'err' : ''),
       card(t('dash.enabled'), fmtNum(s.channels_enabled)),
       card(t('dash.cooling'), fmtNum(s.channels_cooling), null, s.channels_cooling ? 'warn' : ''),
+      // Only when rows were lost (a full disk, a flooded queue): nothing to
+      // show otherwise.
+      ...(s.log_rows_lost ? [card(t('dash.logLost'), fmtNum(s.log_rows_lost), t('dash.logLostHint'), 'err')] : []),
     );
   }
 
