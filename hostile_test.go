@@ -2,14 +2,20 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -403,4 +409,157 @@ func TestHostileDiskFull(t *testing.T) {
 	if st, body := e.admin(tok, "POST", "/admin/channels", `{"name":"after-full","url":"https://x.example.com","api_key":"sk-after-full-1234"}`); st != 201 {
 		t.Errorf("admin write after space returned: %d %s", st, body)
 	}
+}
+
+// TestHostileSIGKILL kills a real ccload process with SIGKILL while it logs
+// as fast as it can: the database opens again, passes integrity_check, and
+// keeps its channels and cooldowns, and ccload starts on it and lets the
+// admin in; the log lost at most the
+// rows of the last batch window (README "Hostile upstreams").
+func TestHostileSIGKILL(t *testing.T) {
+	if os.Getenv("CCLOAD_SIGKILL_CHILD") != "" {
+		t.Skip("the child's side runs in TestHostileSIGKILLChild")
+	}
+	dir := t.TempDir()
+	dbPath := filepath.Join(dir, "ccload.db")
+	up := newFakeUpstream(t, "up")
+	up.noRecord.Store(true)
+	bad := newFakeUpstream(t, "bad")
+	bad.set(fakeBehavior{Status: 500})
+
+	start := func() (*exec.Cmd, string) {
+		t.Helper()
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := ln.Addr().(*net.TCPAddr).Port
+		ln.Close()
+		cmd := exec.Command(os.Args[0], "-test.run=^TestHostileSIGKILLChild$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "CCLOAD_SIGKILL_CHILD=1", "SQLITE_PATH="+dbPath, "HOST=127.0.0.1",
+			"PORT="+strconv.Itoa(port), "CCLOAD_PASS="+testAdminPass, "CCLOAD_AUTH=sk-client-token")
+		var stderr syncBuffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		stderr.waitFor(t, "ccload listening")
+		return cmd, "http://127.0.0.1:" + strconv.Itoa(port)
+	}
+	cmd, base := start()
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
+	call := func(method, path, tok, body string) (int, string) {
+		req, _ := http.NewRequest(method, base+path, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	_, login := call("POST", "/login", "", `{"password":"`+testAdminPass+`"}`)
+	var sess struct{ Token string }
+	json.Unmarshal([]byte(login), &sess)
+	for _, c := range []string{
+		`{"name":"up","url":"` + up.URL + `","api_key":"sk-up-key-123456"}`,
+		`{"name":"bad","url":"` + bad.URL + `","api_key":"sk-bad-key-123456","priority":10}`,
+	} {
+		if st, body := call("POST", "/admin/channels", sess.Token, c); st != 201 {
+			t.Fatalf("create channel: %d %s", st, body)
+		}
+	}
+	// One request cools "bad"; its cooldown row is written by the
+	// persister at once. The admin API shows it once it is in memory.
+	if st, body := call("POST", "/v1/messages", "sk-client-token", anthropicBody("m", false)); st != 200 {
+		t.Fatalf("first request: %d %s", st, body)
+	}
+
+	// Heavy logging from 8 clients; each answered request notes its time.
+	var (
+		mu       sync.Mutex // guards answered
+		answered []time.Time
+		stop     atomic.Bool
+		wg       sync.WaitGroup
+	)
+	for range 8 {
+		wg.Go(func() {
+			for !stop.Load() {
+				if st, _ := call("POST", "/v1/messages", "sk-client-token", anthropicBody("m", false)); st == 200 {
+					mu.Lock()
+					answered = append(answered, time.Now())
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	// Two seconds of traffic, so that the last batch window is a small
+	// part of it.
+	began := time.Now()
+	for {
+		mu.Lock()
+		n := len(answered)
+		mu.Unlock()
+		if n >= 1000 && time.Since(began) > 2*time.Second {
+			break
+		}
+		time.Sleep(10 * time.Millisecond) // letting traffic run, not waiting for an event
+	}
+	killedAt := time.Now()
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	stop.Store(true)
+	wg.Wait()
+
+	s, err := OpenStore(context.Background(), dbPath)
+	if err != nil {
+		t.Fatalf("the database does not open after SIGKILL: %v", err)
+	}
+	var check string
+	if err := s.db.QueryRow("PRAGMA integrity_check").Scan(&check); err != nil || check != "ok" {
+		t.Errorf("integrity_check: %q, %v", check, err)
+	}
+	chs, _ := s.ListChannels(context.Background())
+	recs, _ := s.LoadCooldowns(context.Background())
+	var rows int
+	s.db.QueryRow("SELECT count(*) FROM logs").Scan(&rows)
+	s.Close()
+	if len(chs) != 2 || len(recs) == 0 {
+		t.Errorf("after SIGKILL: %d channels, %d cooldown rows; want 2 and bad's", len(chs), len(recs))
+	}
+	// The bound: rows of requests answered within the batch window (plus
+	// the time one batch takes to commit on a loaded machine) before the
+	// kill. Every earlier row is on disk.
+	mu.Lock()
+	total, recent := len(answered)+1, 0
+	for _, at := range answered {
+		if at.After(killedAt.Add(-(logLinger + time.Second))) {
+			recent++
+		}
+	}
+	mu.Unlock()
+	lost := total - rows
+	t.Logf("answered %d, logged %d: lost %d; %d answered in the last %s", total, rows, lost, recent, logLinger+time.Second)
+	if lost < 0 || lost > recent {
+		t.Errorf("lost %d log rows; want at most the %d of the last batch window", lost, recent)
+	}
+
+	// And ccload starts on it again.
+	_, base = start()
+	if st, body := call("POST", "/login", "", `{"password":"`+testAdminPass+`"}`); st != 200 {
+		t.Errorf("login after restart: %d %s", st, body)
+	}
+}
+
+// TestHostileSIGKILLChild is the ccload process TestHostileSIGKILL kills.
+func TestHostileSIGKILLChild(t *testing.T) {
+	if os.Getenv("CCLOAD_SIGKILL_CHILD") == "" {
+		t.Skip("run by TestHostileSIGKILL")
+	}
+	run(context.Background(), nil, os.LookupEnv, io.Discard, os.Stderr)
 }
