@@ -139,6 +139,7 @@ func (f webhookFormat) body(ev alertEvent) ([]byte, error) {
 
 // Delivery defaults: the zero value of each alerter field means these.
 const (
+	maxQuietScopes   = 4096 // (event, scope) pairs remembered for the quiet period
 	webhookQueueSize = 256
 	webhookTimeout   = 10 * time.Second
 	webhookRetries   = 3 // attempts after the first
@@ -246,6 +247,19 @@ func (a *alerter) raise(sc alertScope, ev alertEvent) {
 	if t, ok := a.last[sc]; ok && a.quiet > 0 && now.Sub(t) < a.quiet {
 		a.mu.Unlock()
 		return
+	}
+	if len(a.last) >= maxQuietScopes {
+		// Scopes include model names clients choose: forget those whose
+		// quiet period is over, and if that is not enough, all of them
+		// (an extra alert beats unbounded memory).
+		for k, t := range a.last {
+			if now.Sub(t) >= a.quiet {
+				delete(a.last, k)
+			}
+		}
+		if len(a.last) >= maxQuietScopes {
+			clear(a.last)
+		}
 	}
 	a.last[sc] = now
 	a.mu.Unlock()

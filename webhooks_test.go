@@ -528,3 +528,18 @@ func testBrowserWebhooks(t *testing.T, bctx context.Context) {
 	}
 	b.do("back to English", chromedp.Click(chromedp.CSS("#lang-toggle")))
 }
+
+// TestWebhookQuietScopesBounded: model names come from clients, so the
+// quiet period's memory of scopes is bounded.
+func TestWebhookQuietScopesBounded(t *testing.T) {
+	al := newAlerter([]webhookTarget{{url: "http://127.0.0.1:1/h", format: formatJSON}}, alerterOptions{Quiet: time.Hour, QueueSize: 1}, time.Now)
+	for i := range 3 * maxQuietScopes {
+		al.modelDown(fmt.Sprint("model-", i), 1, "x")
+	}
+	if n := len(al.last); n > maxQuietScopes {
+		t.Errorf("%d scopes remembered; want at most %d", n, maxQuietScopes)
+	}
+	if d := al.sinks[0].dropped.Load(); d != 3*maxQuietScopes-1 {
+		t.Errorf("dropped %d; want all but the one queued", d)
+	}
+}
