@@ -97,6 +97,8 @@ func writeAPIError(w http.ResponseWriter, r *http.Request, err error) {
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
 	case errors.Is(err, errNotFound):
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
+	case storageFull(err):
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": errStorageFull.Error()})
 	case errors.Is(err, errDuplicate):
 		writeJSON(w, http.StatusConflict, map[string]string{"error": err.Error()})
 	case errors.As(err, &tooBig):
@@ -370,10 +372,16 @@ type summary struct {
 	SuccessRate     float64 `json:"success_rate"`
 	ChannelsEnabled int     `json:"channels_enabled"`
 	ChannelsCooling int     `json:"channels_cooling"`
+	// LogRowsLost counts request log rows dropped (queue full) or lost to
+	// database errors (a full disk) since start.
+	LogRowsLost uint64 `json:"log_rows_lost"`
 }
 
 func (a *admin) summary(ctx context.Context) (summary, error) {
 	s := summary{WindowHours: 24}
+	if a.relay != nil && a.relay.logs != nil {
+		s.LogRowsLost = a.relay.logs.dropped.Load() + a.relay.logs.failed.Load()
+	}
 	var err error
 	s.Requests, s.Success, err = a.store.CountRequests(ctx, windowStart(a.now(), 24))
 	if err != nil {

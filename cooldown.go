@@ -314,6 +314,7 @@ func (h *channelHealth) blockedUntil(model string, now int64) int64 {
 type cooldowns struct {
 	now    func() time.Time
 	policy cooldownPolicy
+	alerts *alerter // hears a scope start cooling and a cooldown cleared; nil: nobody
 
 	mu   sync.Mutex // guards byID
 	byID map[int64]*channelHealth
@@ -489,6 +490,7 @@ func (c *cooldowns) fail(h *channelHealth, keyIndex int, model string, v verdict
 		h.mu.Unlock()
 		return now
 	}
+	wasCooling := s.cooling(now.UnixNano())
 	counted := v.started.IsZero() || v.started.UnixNano() > s.lastFail || s.failures == 0
 	if counted {
 		s.failures++
@@ -519,6 +521,9 @@ func (c *cooldowns) fail(h *channelHealth, keyIndex int, model string, v verdict
 	// Queued under h.mu, so a retirement (see sync) orders against it.
 	if !h.retired {
 		c.persist(key, rec)
+		if !wasCooling {
+			c.alerts.cooling(h.id, v.scope, keyIndex, model, v, until)
+		}
 	}
 	h.mu.Unlock()
 	return until
@@ -538,8 +543,10 @@ func (c *cooldowns) succeed(h *channelHealth, keyIndex int, model string) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	back := false // a cooldown worth an alert was cleared: not a rate limit's
 	clear := func(s *coolSlot, k cooldownKey) {
 		if s != nil && s.until.Load() != 0 {
+			back = back || s.status != http.StatusTooManyRequests
 			s.until.Store(0)
 			s.failures, s.lastFail, s.reason, s.status = 0, 0, "", 0
 			if !h.retired {
@@ -550,6 +557,9 @@ func (c *cooldowns) succeed(h *channelHealth, keyIndex int, model string) {
 	clear(&h.ch, cooldownKey{h.id, -1, ""})
 	clear(ks, cooldownKey{h.id, keyIndex, ""})
 	clear(ms, cooldownKey{h.id, -1, model})
+	if back && !h.retired {
+		c.alerts.recovered(h.id, model)
+	}
 }
 
 // clearAll lifts every cooldown of the channel (admin action). The caller

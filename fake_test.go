@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"cmp"
+	"compress/gzip"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -128,6 +129,29 @@ type fakeBehavior struct {
 	PromptCache bool
 
 	cacheUsage *fakeUsage // set by serve in PromptCache mode
+
+	// Hostile upstreams (hostile_test.go).
+	//
+	// EndlessEvent, for a stream, starts after EndlessAfter deltas a data:
+	// line that never gets its newline, and writes to it until the client
+	// goes away; with Trickle, one byte per Trickle instead of as fast as
+	// it can.
+	EndlessEvent bool
+	EndlessAfter int
+	Trickle      time.Duration
+	// HugeHeader adds a response header this many bytes long.
+	HugeHeader int
+	// GzipBomb answers (with Status, or 200) a gzip body that inflates to
+	// this many bytes: a JSON document padded with spaces, which compress
+	// about a thousand to one.
+	GzipBomb int64
+	// BigBody answers a non-stream 200 whose JSON is padded to this many
+	// bytes, written as fast as the client reads.
+	BigBody int64
+	// EchoHeaders answers Status (default 401) with a JSON error whose
+	// message quotes every request header, the key among them, as some
+	// debugging proxies do.
+	EchoHeaders bool
 }
 
 // fakeUsage is the usage one answer reports.
@@ -283,9 +307,25 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		stream = strings.Contains(rest, ":stream")
 	}
 
+	if b.HugeHeader > 0 {
+		w.Header().Set("X-Huge", strings.Repeat("h", b.HugeHeader))
+	}
 	switch {
 	case b.Reset:
 		resetConn(w)
+		return
+	case b.EchoHeaders:
+		var sb strings.Builder
+		for k, vs := range r.Header {
+			fmt.Fprintf(&sb, "%s: %s; ", k, strings.Join(vs, ","))
+		}
+		writeFakeError(w, p, cmp.Or(b.Status, 401), "authentication_error", "rejected request with headers "+sb.String(), "")
+		return
+	case b.GzipBomb > 0:
+		writeGzipBomb(w, p, cmp.Or(b.Status, 200), b.GzipBomb)
+		return
+	case b.BigBody > 0 && !stream:
+		writeBigBody(w, b.BigBody)
 		return
 	case b.StallHeaders:
 		select {
@@ -788,6 +828,10 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 		send(ev)
 	}
 	for i := range b.deltas() {
+		if b.EndlessEvent && i == b.EndlessAfter {
+			writeEndlessEvent(w, r, b.Trickle)
+			return
+		}
 		if i > 0 && b.BlockDeltas != nil {
 			select {
 			case <-b.BlockDeltas:
@@ -833,4 +877,83 @@ func (f *fakeUpstream) writeStream(w http.ResponseWriter, r *http.Request, p pro
 		case <-release:
 		}
 	}
+}
+
+// writeEndlessEvent writes a data: line that never ends, until the client
+// goes away: fast, or one byte per trickle.
+func writeEndlessEvent(w http.ResponseWriter, r *http.Request, trickle time.Duration) {
+	fl := w.(http.Flusher)
+	if _, err := io.WriteString(w, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\""); err != nil {
+		return
+	}
+	fl.Flush()
+	if trickle > 0 {
+		t := time.NewTicker(trickle)
+		defer t.Stop()
+		for {
+			select {
+			case <-r.Context().Done():
+				return
+			case <-t.C:
+			}
+			if _, err := w.Write([]byte{'x'}); err != nil {
+				return
+			}
+			fl.Flush()
+		}
+	}
+	chunk := bytes.Repeat([]byte("x"), 32<<10)
+	for r.Context().Err() == nil {
+		if _, err := w.Write(chunk); err != nil {
+			return
+		}
+	}
+}
+
+// writeGzipBomb answers a gzip body that inflates to n bytes: an error
+// document (or the start of a message) and then n bytes of spaces. It is
+// written as many gzip members (which a gzip reader reads as one stream),
+// the spaces one precompressed MiB at a time, so the fake spends nothing
+// on compressing and the relay all its time inflating.
+func writeGzipBomb(w http.ResponseWriter, p protocol, status int, n int64) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Encoding", "gzip")
+	w.WriteHeader(status)
+	head := []byte(`{"id":"msg_fake","type":"message","role":"assistant","content":[{"type":"text","text":"`)
+	if status >= 400 {
+		head = fakeErrorBody(p, status, "api_error", "fake error, gzip bomb follows")
+	}
+	if _, err := w.Write(gzipMember(head)); err != nil {
+		return
+	}
+	block := bombBlock()
+	for written := int64(0); written < n; written += 1 << 20 {
+		if _, err := w.Write(block); err != nil {
+			return
+		}
+	}
+}
+
+func gzipMember(b []byte) []byte {
+	var buf bytes.Buffer
+	zw, _ := gzip.NewWriterLevel(&buf, gzip.BestCompression)
+	zw.Write(b)
+	zw.Close()
+	return buf.Bytes()
+}
+
+// bombBlock is one MiB of spaces, gzipped once.
+var bombBlock = sync.OnceValue(func() []byte { return gzipMember(bytes.Repeat([]byte{' '}, 1<<20)) })
+
+// writeBigBody answers a JSON message padded to n bytes.
+func writeBigBody(w http.ResponseWriter, n int64) {
+	w.Header().Set("Content-Type", "application/json")
+	io.WriteString(w, `{"id":"msg_fake","type":"message","role":"assistant","content":[{"type":"text","text":"`)
+	pad := bytes.Repeat([]byte{'x'}, 64<<10)
+	for written := int64(0); written < n; written += int64(len(pad)) {
+		if _, err := w.Write(pad); err != nil {
+			return
+		}
+	}
+	io.WriteString(w, `"}],"usage":{"input_tokens":1,"output_tokens":1}}`)
 }

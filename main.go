@@ -57,7 +57,9 @@ type config struct {
 	LogDays         int
 	ShutdownTimeout time.Duration
 	LogLevel        slog.Level
-	Replica         string // CCLOAD_REPLICA: this replica's id, default the host name
+	Replica         string          // CCLOAD_REPLICA: this replica's id, default the host name
+	Webhooks        []webhookTarget // CCLOAD_WEBHOOK_URL
+	Alerts          alerterOptions  // Quiet is CCLOAD_WEBHOOK_QUIET
 	relayConfig
 }
 
@@ -71,6 +73,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		LogDays:         7,
 		ShutdownTimeout: 60 * time.Second,
 		Replica:         strings.TrimSpace(getenv("CCLOAD_REPLICA")),
+		Alerts:          alerterOptions{Quiet: 5 * time.Minute},
 	}
 	if c.Replica == "" {
 		c.Replica, _ = os.Hostname()
@@ -128,6 +131,32 @@ func loadConfig(getenv func(string) string) (config, error) {
 			errs = append(errs, fmt.Errorf("CCLOAD_MAX_BODY=%q: want a size like 32MiB, 10MB or 1048576", v))
 		}
 		c.MaxBody = n
+	}
+	if hooks, err := parseWebhooks(getenv("CCLOAD_WEBHOOK_URL")); err != nil {
+		errs = append(errs, err)
+	} else {
+		c.Webhooks = hooks
+	}
+	if v := getenv("CCLOAD_WEBHOOK_QUIET"); v != "" {
+		d, err := parseDuration(v)
+		if err != nil || d < 0 {
+			errs = append(errs, fmt.Errorf("CCLOAD_WEBHOOK_QUIET=%q: want a duration like 5m (0 sends every event)", v))
+		}
+		c.Alerts.Quiet = d
+	}
+	if v := getenv("CCLOAD_MAX_EVENT"); v != "" {
+		n, err := parseSize(v)
+		if err != nil || n < 64<<10 || n > 1<<30 {
+			errs = append(errs, fmt.Errorf("CCLOAD_MAX_EVENT=%q: want a size from 64KiB to 1GiB, like 16MiB", v))
+		}
+		c.MaxEvent = int(n)
+	}
+	if v := getenv("CCLOAD_MAX_RESPONSE"); v != "" {
+		n, err := parseSize(v)
+		if err != nil || n < 1<<20 {
+			errs = append(errs, fmt.Errorf("CCLOAD_MAX_RESPONSE=%q: want a size of at least 1MiB, like 256MiB", v))
+		}
+		c.MaxResponse = n
 	}
 	if v := getenv("CCLOAD_LOG_LEVEL"); v != "" {
 		if err := c.LogLevel.UnmarshalText([]byte(strings.TrimSpace(v))); err != nil {
@@ -281,6 +310,7 @@ type app struct {
 	relay   *relay
 	admin   *admin
 	mirror  *redisMirror
+	alerts  *alerter // nil without CCLOAD_WEBHOOK_URL
 	handler http.Handler
 
 	bgCancel context.CancelFunc
@@ -309,10 +339,14 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 
 	a.cool = newCooldowns(time.Now)
 	a.sel = newSelector(a.cool)
+	a.alerts = newAlerter(cfg.Webhooks, cfg.Alerts, time.Now)
+	a.cool.alerts = a.alerts
+	a.alerts.watch(a.sel)
 	if cfg.RedisURL != "" {
 		if a.mirror, err = newRedisMirror(cfg.RedisURL, store); err != nil {
 			return fail(err)
 		}
+		a.mirror.alerts = a.alerts
 		// Every committed channel change wakes the mirror's writer.
 		store.onChange = a.mirror.notify
 		a.mirror.replica = cfg.Replica
@@ -341,6 +375,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	a.logs = newLogWriter(store, logQueueSize)
 	auth := newClientAuth(cfg.AuthTokens)
 	a.relay = newRelay(cfg.relayConfig, a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
+	a.relay.alerts = a.alerts
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,
 		limiter: newLoginLimiter(time.Now), now: time.Now, sessions: store, replica: cfg.Replica}
 	if a.mirror != nil {
@@ -366,9 +401,10 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	a.bgCancel, a.bgDone = cancel, make(chan struct{})
 	go func() {
 		defer close(a.bgDone)
-		done := make(chan struct{}, 5)
+		done := make(chan struct{}, 6)
 		go func() { a.cool.persistLoop(bg, store); done <- struct{}{} }()
-		n := 1
+		go func() { a.alerts.run(bg); done <- struct{}{} }()
+		n := 2
 		if cfg.LogDays > 0 {
 			n++
 			go func() { retentionLoop(bg, store, cfg.LogDays, nil); done <- struct{}{} }()
@@ -407,7 +443,7 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 
 	mux.Handle("GET /healthz", ad.handleHealthz())
 	mux.Handle("GET /public/summary", ad.handleSummary())
-	ms := metricsSource{m: a.metrics, sel: a.sel, logs: a.logs, now: time.Now}
+	ms := metricsSource{m: a.metrics, sel: a.sel, logs: a.logs, alerts: a.alerts, now: time.Now}
 	if a.mirror != nil {
 		ms.replica = a.cfg.Replica
 	}
@@ -436,6 +472,8 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("GET /admin/logs", ad.handleLogs())
 	admin("GET /admin/stats", ad.handleStats())
 	admin("GET /admin/trends", ad.handleTrends())
+	admin("GET /admin/webhooks", a.alerts.handleStatus())
+	admin("POST /admin/webhooks/test", a.alerts.handleTest())
 	admin("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such admin endpoint: " + r.Method + " " + r.URL.Path})
 	}))

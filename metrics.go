@@ -81,10 +81,11 @@ func (m *metrics) request(e *logEntry, d time.Duration) {
 
 // metricsSource is what the exposition needs besides the counters.
 type metricsSource struct {
-	m    *metrics
-	sel  *selector
-	logs *logWriter
-	now  func() time.Time
+	m      *metrics
+	sel    *selector
+	logs   *logWriter
+	alerts *alerter // nil without webhooks
+	now    func() time.Time
 	// replica, when set (several replicas share Redis), labels every
 	// series, so that a sum across replicas keeps them apart.
 	replica string
@@ -186,6 +187,7 @@ func (src metricsSource) write(w *bufio.Writer) {
 	fmt.Fprintf(w, "ccload_request_duration_seconds_sum %s\n",
 		strconv.FormatFloat(float64(m.durationSumUS.Load())/1e6, 'f', 6, 64))
 	fmt.Fprintf(w, "ccload_request_duration_seconds_count %d\n", count)
+	src.alerts.writeMetrics(w)
 }
 
 // promQuote quotes a label value per the text exposition format.

@@ -61,6 +61,7 @@ type redisMirror struct {
 	// onRestore reloads the proxy after a restore that happened late (Redis
 	// was down at start and came back while the database was still empty).
 	onRestore func()
+	alerts    *alerter // hears Redis go down and come back; nil: nobody
 
 	// The cluster (cluster.go). Set before run.
 	replica string        // this replica's id (CCLOAD_REPLICA)
@@ -373,6 +374,7 @@ func (m *redisMirror) sync(ctx context.Context) error {
 	defer m.mu.Unlock()
 	if m.down {
 		m.log.Info("redis mirror: working again, backup up to date", "redis", m.addr, "channels", len(chs))
+		m.alerts.redis(true, m.addr, "")
 	}
 	m.down, m.lastErr, m.lastSyncAt, m.lastCount = false, "", m.now(), len(chs)
 	m.written = max(m.written, gen)
@@ -387,6 +389,7 @@ func (m *redisMirror) failed(err error) {
 	defer m.mu.Unlock()
 	if !m.down {
 		m.log.Error("redis mirror: sync failed; retrying with backoff, the database is unaffected", "redis", m.addr, "err", msg)
+		m.alerts.redis(false, m.addr, msg)
 	}
 	m.down, m.lastErr, m.lastErrAt = true, msg, m.now()
 	m.wake()

@@ -29,6 +29,7 @@ type relay struct {
 	logs     *logWriter
 	metrics  *metrics
 	auth     *clientAuth
+	alerts   *alerter          // hears a model go down; nil: nobody
 	upstream http.RoundTripper // the real transport to the channels
 	aff      *affinity         // nil when off
 	Now      func() time.Time
@@ -56,6 +57,12 @@ type relayConfig struct {
 	MaxBody int64
 	// Affinity keeps a conversation on its channel and key (affinity.go).
 	Affinity affinityConfig
+	// MaxEvent is the largest SSE event relayed; a larger one is an
+	// upstream failure (see sse.go). Zero means 16 MiB.
+	MaxEvent int
+	// MaxResponse is the largest non-stream response body relayed; a
+	// larger one is cut off and blamed (see hostile.go). Zero means 256 MiB.
+	MaxResponse int64
 }
 
 func (c *relayConfig) firstByteWait() time.Duration {
@@ -159,12 +166,13 @@ func newUpstreamTransport() *http.Transport {
 			Timeout:   10 * time.Second,
 			KeepAlive: 30 * time.Second,
 		}).DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          0, // no global limit; per host below
-		MaxIdleConnsPerHost:   512,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   10 * time.Second,
-		ExpectContinueTimeout: time.Second,
+		ForceAttemptHTTP2:      true,
+		MaxIdleConns:           0, // no global limit; per host below
+		MaxIdleConnsPerHost:    512,
+		IdleConnTimeout:        90 * time.Second,
+		TLSHandshakeTimeout:    10 * time.Second,
+		ExpectContinueTimeout:  time.Second,
+		MaxResponseHeaderBytes: maxResponseHeader,
 	}
 }
 
@@ -471,6 +479,9 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 			}
 		}
 	}
+	if !x.probe && !x.aux && len(x.tries) > 0 {
+		rl.alerts.modelDown(x.model, len(x.tries), x.errText)
+	}
 	if last == nil {
 		return nil, &exhaustedError{x: x, free: rl.firstFree(x)}
 	}
@@ -542,10 +553,19 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	case s >= 200 && s < 300:
 		return rl.accept(ctx, actx, res, x, at)
 	case clientFault(s):
-		// The client's own error: it goes back as is, nothing cools.
+		// The client's own error: it goes back as is (but for our key),
+		// nothing cools. A body longer than an error document is no echo
+		// of ours and streams on.
+		head, herr := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
+		src := res.Body
+		if herr == nil && len(head) <= maxErrorBody {
+			res.Body.Close()
+			head = redactKeys(head, e.ch.APIKeys)
+			res, src = bufferedResponse(res, head), http.NoBody
+		}
 		at.flowing(rl.idleWait())
 		rl.commit(x, s, false)
-		res.Body = &plainBody{src: res.Body, keepTail: true, wantError: true,
+		res.Body = &plainBody{src: src, head: head, keepTail: true, wantError: true, limit: rl.maxResponse(),
 			onClose: func(end streamEnd) { rl.settle(x, end); at.stop() }}
 		return res, verdict{}, nil
 	}
@@ -554,6 +574,7 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	if rerr != nil && ctx.Err() != nil {
 		return nil, verdict{}, errClientGone
 	}
+	body = redactKeys(body, e.ch.APIKeys)
 	ue, isDoc := parseErrorDoc(body)
 	ev := evidence{status: res.StatusCode, apiDoc: isDoc, aux: x.aux, header: res.Header}
 	if isDoc && ue.message != "" {
@@ -604,7 +625,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	}
 	ct := mediaType(res.Header.Get("Content-Type"))
 	if ct == "text/event-stream" {
-		sb := &sseBody{src: res.Body, scan: sseScanner{proto: x.proto},
+		sb := &sseBody{src: res.Body, scan: sseScanner{proto: x.proto}, maxEvent: rl.MaxEvent,
 			clientGone: func() bool { return ctx.Err() != nil }}
 		if x.responses {
 			sb.scan.rs = newResponsesState()
@@ -680,7 +701,7 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 	}
 	at.flowing(idle)
 	rl.commit(x, res.StatusCode, true)
-	res.Body = &plainBody{src: rest, head: head, pooled: head, keepTail: true, touch: at.touch, explain: explain,
+	res.Body = &plainBody{src: rest, head: head, pooled: head, keepTail: true, touch: at.touch, explain: explain, limit: rl.maxResponse(),
 		onClose: func(end streamEnd) { rl.settle(x, end); at.stop() }}
 	return res, verdict{}, nil
 }
@@ -689,6 +710,8 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 // for. The client sees nothing of it unless it is the last answer, and then
 // as a plain error response with the status the error names.
 func (rl *relay) errorIn200(x *exchange, res *http.Response, ue *upstreamError, doc []byte, at *attemptTimer) (*http.Response, verdict, error) {
+	keys := x.tries[len(x.tries)-1].entry.ch.APIKeys
+	doc, ue.message = redactKeys(doc, keys), string(redactKeys([]byte(ue.message), keys))
 	v := rl.judge(evidence{status: ue.status, apiDoc: true, aux: x.aux, header: res.Header,
 		reason: "error in a 200 response: " + truncate(ue.message, 160)})
 	synth := bufferedResponse(&http.Response{
@@ -746,8 +769,9 @@ func (rl *relay) settle(x *exchange, end streamEnd) {
 	case end.incomplete:
 		ev = evidence{status: http.StatusBadGateway, reason: "upstream closed the stream before it finished"}
 	case end.lateErr != nil:
+		msg := redactKeys([]byte(end.lateErr.message), x.tries[x.served].entry.ch.APIKeys)
 		ev = evidence{status: end.lateErr.status, apiDoc: true, aux: x.aux,
-			reason: "error event mid-stream: " + truncate(end.lateErr.message, 160)}
+			reason: "error event mid-stream: " + truncate(string(msg), 160)}
 	default:
 		return
 	}

@@ -252,10 +252,31 @@ func lastBoundary(b []byte) int {
 	return 0
 }
 
-// maxHeldEvent bounds how much of one event is held back waiting for its end.
-// A larger event is passed on in pieces, giving up only the guarantee that a
-// cut stream ends on an event boundary.
-const maxHeldEvent = 1 << 20
+// newBoundary is lastBoundary(b) for a b whose first old bytes hold no
+// boundary: only the new bytes (and the two before them, which a boundary
+// may start in) are searched, so an event that grows by many reads costs
+// linear time, not quadratic.
+func newBoundary(b []byte, old int) int {
+	from := max(old-2, 0)
+	if k := lastBoundary(b[from:]); k > 0 {
+		return from + k
+	}
+	return 0
+}
+
+// defaultMaxEvent is the largest SSE event relayed (CCLOAD_MAX_EVENT). An
+// event is held until its blank line, so the client only ever gets whole
+// events; one that grows past the cap without ending (a data: line that
+// never gets its newline) is no answer at all but a broken upstream, judged
+// like any other failure. The cap is also what one stream can hold.
+const defaultMaxEvent = 16 << 20
+
+// errEventTooLarge is an event over the cap.
+type errEventTooLarge struct{ limit int }
+
+func (e errEventTooLarge) Error() string {
+	return "SSE event larger than " + formatBytes(int64(e.limit)) + " (CCLOAD_MAX_EVENT)"
+}
 
 // firstEventBuf is what a stream waiting for its first content event holds
 // to start with (see waitFirst).
@@ -304,15 +325,27 @@ type sseBody struct {
 	// error ours to swallow and not the upstream's fault.
 	clientGone func() bool
 	onClose    func(streamEnd)
-	touch      func()            // data arrived (restarts the idle timeout); may be nil
-	explain    func(error) error // describes a read error; may be nil
+	// touch restarts the idle timeout; may be nil. It is called for
+	// complete events only, so bytes trickled into an event that never
+	// ends do not keep a dead stream alive.
+	touch   func()
+	explain func(error) error // describes a read error; may be nil
+	// maxEvent caps one event's size; 0 means defaultMaxEvent.
+	maxEvent int
 }
 
-// arrived notes a read of n bytes for the idle timeout.
-func (b *sseBody) arrived(n int) {
-	if n > 0 && b.touch != nil {
+// arrived notes that complete events came, for the idle timeout.
+func (b *sseBody) arrived(events bool) {
+	if events && b.touch != nil {
 		b.touch()
 	}
+}
+
+func (b *sseBody) eventCap() int {
+	if b.maxEvent > 0 {
+		return b.maxEvent
+	}
+	return defaultMaxEvent
 }
 
 // waitFirst reads until the first content event. It returns the early error
@@ -328,8 +361,9 @@ func (b *sseBody) waitFirst() (*upstreamError, error) {
 			b.pend = append(b.pend, 0)[:len(b.pend)]
 		}
 		n, err := b.src.Read(b.pend[len(b.pend):cap(b.pend)])
-		b.pend = b.pend[:len(b.pend)+n]
-		if k := lastBoundary(b.pend[b.ready:]); k > 0 {
+		old := len(b.pend)
+		b.pend = b.pend[:old+n]
+		if k := newBoundary(b.pend[b.ready:], old-b.ready); k > 0 {
 			b.scan.feed(b.pend[b.ready : b.ready+k])
 			b.ready += k
 		}
@@ -350,12 +384,8 @@ func (b *sseBody) waitFirst() (*upstreamError, error) {
 			}
 			return nil, err
 		}
-		if len(b.pend) > maxHeldEvent {
-			// A first event this large (an image, say) is content: relay
-			// it in pieces rather than hold it or call it a failure.
-			b.ready = len(b.pend)
-			b.scan.sawContent = true
-			return nil, nil
+		if len(b.pend)-b.ready > b.eventCap() {
+			return nil, errEventTooLarge{b.eventCap()}
 		}
 	}
 	return b.scan.earlyErr, nil
@@ -388,8 +418,8 @@ func (b *sseBody) Read(p []byte) (int, error) {
 			// Nothing held: read straight into the caller's buffer and keep
 			// back only a trailing partial event.
 			n, err := b.src.Read(p)
-			b.arrived(n)
 			k := lastBoundary(p[:n])
+			b.arrived(k > 0)
 			if k > 0 {
 				b.scan.feed(p[:k])
 			}
@@ -411,13 +441,15 @@ func (b *sseBody) Read(p []byte) (int, error) {
 			b.pend = append(b.pend, 0)[:len(b.pend)]
 		}
 		n, err := b.src.Read(b.pend[len(b.pend):cap(b.pend)])
-		b.arrived(n)
-		b.pend = b.pend[:len(b.pend)+n]
-		if k := lastBoundary(b.pend); k > 0 {
+		old := len(b.pend)
+		b.pend = b.pend[:old+n]
+		if k := newBoundary(b.pend, old); k > 0 {
 			b.scan.feed(b.pend[:k])
 			b.ready = k
-		} else if len(b.pend) > maxHeldEvent {
-			b.ready = len(b.pend)
+			b.arrived(true)
+		} else if len(b.pend) > b.eventCap() {
+			b.tooLarge()
+			continue
 		}
 		if err != nil {
 			b.finishRead(err)
@@ -473,6 +505,21 @@ func (b *sseBody) finishRead(err error) {
 	b.err = io.EOF
 }
 
+// tooLarge ends a committed stream whose current event outgrew the cap:
+// the event is dropped, never relayed, and the stream ends with the
+// protocol's error event; settle blames the channel.
+func (b *sseBody) tooLarge() {
+	err := errEventTooLarge{b.eventCap()}
+	b.end.err = err
+	b.dropPartial()
+	if b.pend != nil && len(b.pend) == 0 {
+		putBuf(b.pend) // too big for the pool: dropped there
+		b.pend = nil
+	}
+	b.tail = streamErrorEvent(b.scan.proto, b.scan.rs, "upstream sent "+err.Error(), b.scan.usage)
+	b.err = io.EOF
+}
+
 // dropPartial discards a trailing incomplete event: half an event would
 // only confuse the client's parser before the error event.
 func (b *sseBody) dropPartial() {
@@ -520,6 +567,9 @@ type plainBody struct {
 	onClose   func(streamEnd)
 	touch     func()            // data arrived (restarts the idle timeout); may be nil
 	explain   func(error) error // describes a read error; may be nil
+	// limit cuts the body after this many bytes from src (hostile.go:
+	// errResponseTooLarge); 0 means none. n counts them.
+	limit, n int64
 }
 
 const tailSize = 4096
@@ -534,6 +584,10 @@ func (b *plainBody) Read(p []byte) (int, error) {
 	n, err := b.src.Read(p)
 	if n > 0 && b.touch != nil {
 		b.touch()
+	}
+	if b.n += int64(n); b.limit > 0 && b.n > b.limit {
+		b.end.err = errResponseTooLarge
+		return n, errResponseTooLarge
 	}
 	b.remember(p[:n])
 	if err != nil {

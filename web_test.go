@@ -544,6 +544,7 @@ func TestBrowser(t *testing.T) {
 		{"Cooldown", testBrowserCooldown},
 		{"CSV", testBrowserCSV},
 		{"Redis", testBrowserRedis},
+		{"Webhooks", testBrowserWebhooks},
 		{"Logs", testBrowserLogs},
 		{"Language", testBrowserLanguage},
 		{"DefaultLanguage", testBrowserDefaultLanguage},

@@ -1,9 +1,10 @@
 // The dashboard: 24-hour totals, hourly traffic and tokens, the health of
-// every channel with live cooldown countdowns, and the Redis mirror.
+// every channel with live cooldown countdowns, the Redis mirror and the
+// alert webhooks.
 
 import { t } from '../i18n.js';
-import { get } from '../api.js';
-import { h, fmtNum, fmtCompact, fmtPct, fmtMs, fmtAgo, fmtTime, countdown, statusBadge, channelStatus, table, errorBox, showError } from '../ui.js';
+import { get, api } from '../api.js';
+import { h, fmtNum, fmtCompact, fmtPct, fmtMs, fmtAgo, fmtTime, countdown, statusBadge, channelStatus, table, errorBox, showError, toast } from '../ui.js';
 import { barChart, legend } from '../chart.js';
 
 const REFRESH_MS = 15000;
@@ -18,6 +19,7 @@ export function render(root, ctx) {
   const health = h('div', { id: 'health' });
   const redis = h('p', { class: 'redis-line', id: 'redis-status' });
   const replicas = h('p', { class: 'redis-line', id: 'replicas' });
+  const hooks = h('div', { class: 'redis-line', id: 'webhook-status' });
   const sortState = { key: 'priority', dir: 'desc' };
   const stops = [];
   ctx.signal.addEventListener('abort', () => stops.forEach((f) => f()));
@@ -50,6 +52,7 @@ export function render(root, ctx) {
       health),
     redis,
     replicas,
+    hooks,
   );
 
   function card(label, value, sub, kind) {
@@ -66,6 +69,9 @@ export function render(root, ctx) {
       card(t('dash.errors'), fmtNum(s.errors), null, s.errors ? 'err' : ''),
       card(t('dash.enabled'), fmtNum(s.channels_enabled)),
       card(t('dash.cooling'), fmtNum(s.channels_cooling), null, s.channels_cooling ? 'warn' : ''),
+      // Only when rows were lost (a full disk, a flooded queue): nothing to
+      // show otherwise.
+      ...(s.log_rows_lost ? [card(t('dash.logLost'), fmtNum(s.log_rows_lost), t('dash.logLostHint'), 'err')] : []),
     );
   }
 
@@ -160,6 +166,35 @@ export function render(root, ctx) {
     });
     if (!r.shared) replicas.append(' ', h('span', { class: 'muted small' }, t('replicas.alone')));
     if (r.error) replicas.append(' ', h('span', { class: 'reason' }, t('replicas.unknown')));
+  // drawWebhooks shows each alert webhook by host (its path holds a token):
+  // healthy or failing, what it sent, gave up on and dropped.
+  function drawWebhooks(w) {
+    hooks.replaceChildren(h('span', { class: 'redis-label' }, t('hooks.title')), ' ');
+    if (!w.enabled) {
+      hooks.append(h('span', { class: 'badge off' }, h('span', { class: 'dot' }), t('hooks.off')));
+      return;
+    }
+    const testBtn = h('button', { type: 'button', class: 'btn small', id: 'webhook-test' }, t('hooks.test'));
+    testBtn.onclick = async () => {
+      testBtn.disabled = true;
+      try {
+        const r = await api('POST', '/admin/webhooks/test');
+        const bad = r.results.filter((x) => !x.ok);
+        toast(bad.length ? t('hooks.testFailed', { list: bad.map((x) => `${x.target}: ${x.error}`).join('; ') }) : t('hooks.testOk'),
+          bad.length ? 'error' : 'ok');
+        load();
+      } catch (e) {
+        showError(err, e);
+      } finally {
+        testBtn.disabled = false;
+      }
+    };
+    hooks.append(h('ul', { class: 'keylist', id: 'webhook-list' }, w.webhooks.map((x) => h('li', { class: x.ok ? '' : 'cooling', dataset: { target: x.target } },
+      h('span', { class: `badge ${x.ok ? 'ok' : 'err'} small` }, h('span', { class: 'dot' }), x.ok ? t('hooks.ok') : t('hooks.failing')), ' ',
+      h('code', {}, x.target), ' ',
+      h('span', { class: 'muted small' }, t('hooks.counts', { sent: fmtNum(x.sent), failed: fmtNum(x.failed), dropped: fmtNum(x.dropped) })),
+      !x.ok && x.last_error ? h('span', { class: 'reason' }, x.last_error, x.last_error_at ? ` (${fmtAgo(x.last_error_at)})` : '') : null))),
+    testBtn);
   }
 
   let loading = false;
@@ -169,9 +204,9 @@ export function render(root, ctx) {
     refreshBtn.disabled = true;
     try {
       const opts = { signal: ctx.signal };
-      const [s, tr, chs, r, reps] = await Promise.all([
+      const [s, tr, chs, r, reps, w] = await Promise.all([
         get('/admin/summary', opts), get('/admin/trends?hours=24', opts), get('/admin/channels', opts), get('/admin/redis', opts),
-        get('/admin/replicas', opts),
+        get('/admin/replicas', opts), get('/admin/webhooks', opts),
       ]);
       if (ctx.signal.aborted) return;
       drawSummary(s);
@@ -179,6 +214,7 @@ export function render(root, ctx) {
       drawHealth(chs);
       drawRedis(r);
       drawReplicas(reps);
+      drawWebhooks(w);
       showError(err, null);
       updated.textContent = t('common.updatedAt', { time: fmtTime(new Date().toISOString()) });
     } catch (e) {
