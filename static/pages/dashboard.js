@@ -166,6 +166,8 @@ export function render(root, ctx) {
     });
     if (!r.shared) replicas.append(' ', h('span', { class: 'muted small' }, t('replicas.alone')));
     if (r.error) replicas.append(' ', h('span', { class: 'reason' }, t('replicas.unknown')));
+  }
+
   // drawWebhooks shows each alert webhook by host (its path holds a token):
   // healthy or failing, what it sent, gave up on and dropped.
   function drawWebhooks(w) {
