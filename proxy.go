@@ -194,6 +194,7 @@ type exchange struct {
 	clientIP  string
 	model     string
 	gemAction string // gemini: the action after the model in the path
+	path      string // the client's path, decoded and checked (see clientPath)
 	info      bodyInfo
 	buf       *bodyBuf // holds body; released once a response is committed
 	body      []byte   // the request body, dropped once a response is committed
@@ -259,6 +260,12 @@ func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool
 		return false
 	}
 	x.token = name
+	path, ok := clientPath(r.URL.EscapedPath())
+	if !ok {
+		rl.reject(w, x, http.StatusBadRequest, "the path has a dot segment, an encoded slash or a backslash: ccload does not send such paths upstream")
+		return false
+	}
+	x.path = path
 	x.responses = strings.HasPrefix(r.URL.Path, "/v1/responses")
 	x.aux = strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens")
 
@@ -352,7 +359,10 @@ func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
 // prepare points req at channel e with key k and gives it a fresh body.
 func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int) {
 	body := x.body
-	path := req.URL.Path
+	path := x.path
+	if path == "" {
+		path = req.URL.Path // a probe's own path
+	}
 	if m := e.upstreamModel(x.model); m != x.model {
 		if x.proto == protoGemini {
 			path = "/v1beta/models/" + m + ":" + x.gemAction
