@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,6 +45,10 @@ func clientIP(r *http.Request) string {
 // clientAuth checks the proxy's client tokens (CCLOAD_AUTH).
 type clientAuth struct {
 	tokens []clientToken
+	// origins are the web origins open mode serves (CCLOAD_ORIGINS); "*"
+	// is any. Without tokens every page in the local user's browser is a
+	// loopback caller, so the browser's own marks decide.
+	origins []string
 }
 
 type clientToken struct {
@@ -97,6 +102,62 @@ func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
 	return name, name != ""
 }
 
+// openRefusal says why open mode refuses r as the work of a web page or a
+// rebinding host name, or "" when it does not. A page anywhere can make the
+// local user's browser POST to 127.0.0.1 (mode "no-cors" needs no
+// permission), and a name that resolves to 127.0.0.1 gets the same reach;
+// the browser marks the first with Origin and Sec-Fetch-Site, and the
+// second cannot hide its Host.
+func (a *clientAuth) openRefusal(r *http.Request) string {
+	if !a.open() {
+		return ""
+	}
+	if host := r.Host; host != "" && !loopbackHost(host) {
+		return fmt.Sprintf("open mode serves only loopback host names, not %q: set client tokens (CCLOAD_AUTH) to serve other names", clip(host, 80))
+	}
+	origin := r.Header.Get("Origin")
+	if origin != "" && a.originAllowed(origin) {
+		return ""
+	}
+	cross := false
+	switch r.Header.Get("Sec-Fetch-Site") {
+	case "cross-site", "same-site":
+		cross = true
+	}
+	if origin != "" {
+		u, err := url.Parse(origin)
+		cross = cross || err != nil || !loopbackHost(u.Host)
+	}
+	if cross {
+		return "open mode refuses requests from web pages: list the page's origin in CCLOAD_ORIGINS, or set client tokens (CCLOAD_AUTH)"
+	}
+	return ""
+}
+
+func (a *clientAuth) originAllowed(origin string) bool {
+	for _, o := range a.origins {
+		if o == "*" || strings.EqualFold(o, origin) {
+			return true
+		}
+	}
+	return false
+}
+
+// loopbackHost reports whether a Host header (with or without a port) names
+// this machine: localhost, a name under .localhost, or a loopback address.
+func loopbackHost(hostport string) bool {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.Trim(host, "[]"), ".")
+	if strings.EqualFold(host, "localhost") || strings.HasSuffix(strings.ToLower(host), ".localhost") {
+		return true
+	}
+	addr, err := netip.ParseAddr(host)
+	return err == nil && addr.Unmap().IsLoopback()
+}
+
 func (a *clientAuth) denyMessage(r *http.Request) string {
 	if a.open() && forwarded(r) {
 		return "this request came through a proxy: set client tokens (CCLOAD_AUTH) to serve anyone but this machine"
@@ -128,9 +189,19 @@ func presentedToken(r *http.Request, p protocol) string {
 // internet look local.
 func isLocal(r *http.Request) bool { return isLoopback(r) && !forwarded(r) }
 
+// proxyHeaders are the headers by which the reverse proxies and CDNs in
+// common use say that a request came through them. A proxy that sends none
+// of them cannot be told from a local client: README says so.
+var proxyHeaders = []string{"X-Forwarded-For", "Forwarded", "X-Real-Ip", "Cf-Connecting-Ip",
+	"True-Client-Ip", "X-Client-Ip", "Via"}
+
 func forwarded(r *http.Request) bool {
-	h := r.Header
-	return h.Get("X-Forwarded-For") != "" || h.Get("Forwarded") != "" || h.Get("X-Real-Ip") != ""
+	for _, k := range proxyHeaders {
+		if len(r.Header[k]) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 func isLoopback(r *http.Request) bool {
@@ -365,4 +436,61 @@ func (a *admin) requireSession(next http.Handler) http.Handler {
 		next.ServeHTTP(w, r)
 		return nil
 	})
+}
+
+// securityConfig is who ccload trusts beyond its tokens and password
+// (README "Threat model").
+type securityConfig struct {
+	// Origins are the web origins open mode serves (CCLOAD_ORIGINS).
+	Origins []string
+	// TrustedProxies are the peers whose forwarded-for headers are
+	// believed (CCLOAD_TRUSTED_PROXIES). Nil means loopback only.
+	TrustedProxies []netip.Prefix
+	// MaxConnsPerIP bounds the connections one client address holds open
+	// (CCLOAD_MAX_CONNS_PER_IP). Zero means the default (see connlimit.go);
+	// negative means no bound.
+	MaxConnsPerIP int
+}
+
+func (c *securityConfig) load(getenv func(string) string) []error {
+	var errs []error
+	for o := range strings.SplitSeq(getenv("CCLOAD_ORIGINS"), ",") {
+		if o = strings.TrimSpace(o); o == "" {
+			continue
+		}
+		if u, err := url.Parse(o); o != "*" && (err != nil || u.Scheme == "" || u.Host == "" || u.Path != "") {
+			errs = append(errs, fmt.Errorf("CCLOAD_ORIGINS: %q is not an origin like http://localhost:3000 (or *)", o))
+			continue
+		}
+		c.Origins = append(c.Origins, strings.TrimSuffix(o, "/"))
+	}
+	if v := strings.TrimSpace(getenv("CCLOAD_TRUSTED_PROXIES")); v != "" {
+		c.TrustedProxies = []netip.Prefix{} // set, even if to nothing: "none" trusts no proxy
+		for p := range strings.SplitSeq(v, ",") {
+			if p = strings.TrimSpace(p); p == "" || strings.EqualFold(p, "none") {
+				continue
+			}
+			pfx, err := netip.ParsePrefix(p)
+			if err != nil {
+				addr, aerr := netip.ParseAddr(p)
+				if aerr != nil {
+					errs = append(errs, fmt.Errorf("CCLOAD_TRUSTED_PROXIES: %q is not a CIDR like 10.0.0.0/8 or an address", p))
+					continue
+				}
+				pfx = netip.PrefixFrom(addr.Unmap(), addr.Unmap().BitLen())
+			}
+			c.TrustedProxies = append(c.TrustedProxies, pfx.Masked())
+		}
+	}
+	if v := getenv("CCLOAD_MAX_CONNS_PER_IP"); v != "" {
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if err != nil || n < 0 {
+			errs = append(errs, fmt.Errorf("CCLOAD_MAX_CONNS_PER_IP=%q: want a whole number (0 turns the bound off)", v))
+		}
+		c.MaxConnsPerIP = n
+		if n == 0 {
+			c.MaxConnsPerIP = -1
+		}
+	}
+	return errs
 }

@@ -58,6 +58,7 @@ type config struct {
 	ShutdownTimeout time.Duration
 	LogLevel        slog.Level
 	relayConfig
+	securityConfig
 }
 
 func loadConfig(getenv func(string) string) (config, error) {
@@ -128,6 +129,14 @@ func loadConfig(getenv func(string) string) (config, error) {
 		if err := c.LogLevel.UnmarshalText([]byte(strings.TrimSpace(v))); err != nil {
 			errs = append(errs, fmt.Errorf("CCLOAD_LOG_LEVEL=%q: want DEBUG, INFO, WARN or ERROR", v))
 		}
+	}
+	errs = append(errs, c.securityConfig.load(getenv)...)
+	if v := getenv("CCLOAD_BODY_TIMEOUT"); v != "" {
+		d, err := parseDuration(v)
+		if err != nil || d <= 0 {
+			errs = append(errs, fmt.Errorf("CCLOAD_BODY_TIMEOUT=%q: want a duration like 60s", v))
+		}
+		c.BodyTimeout = d
 	}
 	if c.RedisURL != "" && !strings.HasPrefix(c.RedisURL, "redis://") && !strings.HasPrefix(c.RedisURL, "rediss://") {
 		errs = append(errs, errors.New("REDIS_URL must start with redis:// or rediss://"))
@@ -328,6 +337,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 
 	a.logs = newLogWriter(store, logQueueSize)
 	auth := newClientAuth(cfg.AuthTokens)
+	auth.origins = cfg.Origins
 	a.relay = newRelay(cfg.relayConfig, a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,
 		limiter: newLoginLimiter(time.Now), now: time.Now}
@@ -363,7 +373,9 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		}
 	}()
 	if len(cfg.AuthTokens) == 0 {
-		slog.Warn("no client tokens (CCLOAD_AUTH): the proxy serves loopback clients only")
+		slog.Warn("no client tokens (CCLOAD_AUTH): the proxy serves loopback clients only, and anyone a reverse proxy " +
+			"on this machine lets in if it sends none of X-Forwarded-For, X-Real-IP, Forwarded, CF-Connecting-IP, " +
+			"True-Client-IP, X-Client-IP or Via: set CCLOAD_AUTH before putting a proxy in front")
 	}
 	return a, nil
 }

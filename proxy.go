@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -52,6 +53,17 @@ type relayConfig struct {
 	// MaxBody is the largest request body accepted (413 above it). Zero
 	// means 32 MiB.
 	MaxBody int64
+	// BodyTimeout bounds the read of a request body (408 when it passes),
+	// so a client that announces a body and sends it slowly or never
+	// cannot hold its connection. Zero means 60 s.
+	BodyTimeout time.Duration
+}
+
+func (c *relayConfig) bodyWait() time.Duration {
+	if c.BodyTimeout > 0 {
+		return c.BodyTimeout
+	}
+	return 60 * time.Second
 }
 
 func (c *relayConfig) firstByteWait() time.Duration {
@@ -254,6 +266,10 @@ func (rl *relay) handle(p protocol) http.Handler {
 // frame is not on the stack of a stream that runs for minutes.
 func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool {
 	p := x.proto
+	if msg := rl.auth.openRefusal(r); msg != "" {
+		rl.reject(w, x, http.StatusForbidden, msg)
+		return false
+	}
 	name, ok := rl.auth.identify(r, p)
 	if !ok {
 		rl.reject(w, x, http.StatusUnauthorized, rl.auth.denyMessage(r))
@@ -269,12 +285,24 @@ func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool
 	x.responses = strings.HasPrefix(r.URL.Path, "/v1/responses")
 	x.aux = strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens")
 
+	// A body that arrives slowly or never must not hold the connection;
+	// the deadline goes once the body is in, since a stream may then run
+	// for minutes with the connection idle.
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(time.Now().Add(rl.bodyWait()))
 	bb, err := readBody(w, r, rl.maxBody())
+	rc.SetReadDeadline(time.Time{})
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			rl.reject(w, x, http.StatusRequestEntityTooLarge,
 				fmt.Sprintf("request body is larger than the %s limit (CCLOAD_MAX_BODY)", formatBytes(tooBig.Limit)))
+			return false
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			w.Header().Set("Connection", "close")
+			rl.reject(w, x, http.StatusRequestTimeout,
+				fmt.Sprintf("the request body did not arrive within %s (CCLOAD_BODY_TIMEOUT)", rl.bodyWait()))
 			return false
 		}
 		if r.Context().Err() != nil || errors.Is(err, io.ErrUnexpectedEOF) {

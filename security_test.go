@@ -1,11 +1,17 @@
 package main
 
 import (
+	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"path"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/chromedp/chromedp"
 )
 
 // Each test here is one attack from issue 17, named after it. Each failed
@@ -73,4 +79,127 @@ func FuzzUpstreamPath(f *testing.F) {
 			t.Fatalf("client path %q resolved to %q, outside the base %q", escaped, got, base)
 		}
 	})
+}
+
+// sendWith sends a proxy request with extra headers and, when host is set,
+// that Host.
+func sendWith(t *testing.T, e *testEnv, p, host string, hdr map[string]string) (*http.Response, []byte) {
+	t.Helper()
+	req, err := http.NewRequest("POST", e.URL+p, strings.NewReader(anthropicBody("claude-x", false)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	if host != "" {
+		req.Host = host
+	}
+	resp, err := e.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, b
+}
+
+// TestOpenModeCalledByWebPageOrRebindingHost: without tokens, a page in
+// the local user's browser (any origin) and a DNS-rebinding host name were
+// served like the user's own CLI.
+func TestOpenModeCalledByWebPageOrRebindingHost(t *testing.T) {
+	e := newTestEnv(t, func(c *config) { c.Origins = []string{"http://localhost:5173"} })
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "a", URL: up.URL, APIKeys: []string{"sk-upstream-a-0123456789"}})
+	for _, c := range []struct {
+		name, host string
+		hdr        map[string]string
+	}{
+		{"foreign origin", "", map[string]string{"Origin": "https://evil.example"}},
+		{"null origin", "", map[string]string{"Origin": "null"}},
+		{"cross-site fetch", "", map[string]string{"Sec-Fetch-Site": "cross-site"}},
+		{"same-site fetch", "", map[string]string{"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"}},
+		{"rebinding host", "evil.example:8080", nil},
+		{"rebinding host, no port", "evil.example", nil},
+	} {
+		resp, b := sendWith(t, e, "/v1/messages", c.host, c.hdr)
+		if resp.StatusCode != http.StatusForbidden || !strings.Contains(string(b), `"type":"permission_error"`) {
+			t.Errorf("%s: got %d %s; want 403 permission_error", c.name, resp.StatusCode, b)
+		}
+	}
+	if n := up.count(); n != 0 {
+		t.Fatalf("the upstream got %d requests; want none", n)
+	}
+	// The user's own CLI, localhost by name, and an allowed origin pass.
+	for _, c := range []struct {
+		name, host string
+		hdr        map[string]string
+	}{
+		{"cli", "", nil},
+		{"localhost", "localhost:8080", nil},
+		{"allowed origin", "", map[string]string{"Origin": "http://localhost:5173", "Sec-Fetch-Site": "same-site"}},
+		{"ipv6 loopback", "[::1]:8080", nil},
+	} {
+		if resp, b := sendWith(t, e, "/v1/messages", c.host, c.hdr); resp.StatusCode != 200 {
+			t.Errorf("%s: got %d %s; want 200", c.name, resp.StatusCode, b)
+		}
+	}
+}
+
+// TestOpenModeBehindProxyWithOtherHeaders: a local reverse proxy or CDN
+// tunnel that marks requests only with CF-Connecting-IP, True-Client-IP,
+// X-Client-IP or Via made open mode an open relay.
+func TestOpenModeBehindProxyWithOtherHeaders(t *testing.T) {
+	e := newTestEnv(t)
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "a", URL: up.URL})
+	for _, h := range []string{"CF-Connecting-IP", "True-Client-IP", "X-Client-IP", "Via"} {
+		v := "203.0.113.7"
+		if h == "Via" {
+			v = "1.1 cloudflared"
+		}
+		resp, b := sendWith(t, e, "/v1/messages", "", map[string]string{h: v})
+		if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(string(b), "proxy") {
+			t.Errorf("%s: got %d %s; want 401 naming the proxy", h, resp.StatusCode, b)
+		}
+	}
+	if n := up.count(); n != 0 {
+		t.Errorf("the upstream got %d requests; want none", n)
+	}
+}
+
+// TestOpenModeNoCorsFetchFromForeignPage: a page on another site, in a
+// real Chromium, spent the channel's key with a no-cors fetch.
+func TestOpenModeNoCorsFetchFromForeignPage(t *testing.T) {
+	bctx := startChromium(t)
+	e := newTestEnv(t)
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "a", URL: up.URL})
+	evil := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html")
+		io.WriteString(w, "<!doctype html><title>evil</title><p>hello")
+	}))
+	t.Cleanup(evil.Close)
+	b := newBrowser(t, bctx, e)
+	// localhost and 127.0.0.1 are different sites to the browser.
+	evilURL := strings.Replace(evil.URL, "127.0.0.1", "localhost", 1)
+	b.do("open the foreign page", chromedp.Navigate(evilURL+"/"))
+	got := eval[string](b, fmt.Sprintf(`fetch(%q, {method: "POST", mode: "no-cors",
+		headers: {"Content-Type": "text/plain"}, body: %q}).then(() => "sent", e => "error: " + e)`,
+		e.URL+"/v1/messages", anthropicBody("claude-x", false)))
+	if got != "sent" {
+		t.Fatalf("fetch: %s", got)
+	}
+	// The browser logs the refusal as a failed resource: expected here.
+	b.mu.Lock()
+	b.problems = slices.DeleteFunc(b.problems, func(p string) bool { return strings.Contains(p, "403") })
+	b.mu.Unlock()
+	e.settle()
+	if n := up.count(); n != 0 {
+		t.Fatalf("the page's fetch reached the upstream (%d requests)", n)
+	}
+	if l := e.lastLog(); l.Status != http.StatusForbidden {
+		t.Errorf("log row status %d; want 403", l.Status)
+	}
 }
