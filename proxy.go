@@ -377,10 +377,14 @@ func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
 	// A browser on the admin's origin would send the admin session.
 	delete(h, "Cookie")
 	delete(h, "Accept-Encoding")
-	if q := pr.Out.URL.RawQuery; q != "" && strings.Contains(q, "key=") {
+	// Gemini clients may send their token as ?key=; the name is matched
+	// decoded, as presentedToken reads it (?%6Bey= is the same key).
+	if q := pr.Out.URL.RawQuery; q != "" && (strings.Contains(q, "ey") || strings.IndexByte(q, '%') >= 0) {
 		v := pr.Out.URL.Query()
-		v.Del("key")
-		pr.Out.URL.RawQuery = v.Encode()
+		if _, ok := v["key"]; ok {
+			v.Del("key")
+			pr.Out.URL.RawQuery = v.Encode()
+		}
 	}
 }
 

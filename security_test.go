@@ -203,3 +203,25 @@ func TestOpenModeNoCorsFetchFromForeignPage(t *testing.T) {
 		t.Errorf("log row status %d; want 403", l.Status)
 	}
 }
+
+// TestGeminiTokenInEncodedKeyQuery: ?%6Bey=<token> authenticated (the
+// query is decoded) but was not stripped, so the upstream URL carried the
+// client's token.
+func TestGeminiTokenInEncodedKeyQuery(t *testing.T) {
+	const tok = "client-token-0123456789"
+	e := newTestEnv(t, func(c *config) { c.AuthTokens = []string{"alice:" + tok} })
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "gem", Type: "gemini", URL: up.URL, APIKeys: []string{"gem-key-0123456789"}})
+	body := `{"contents":[{"parts":[{"text":"hi"}]}]}`
+	for _, q := range []string{"?key=" + tok, "?%6Bey=" + tok, "?%6b%65%79=" + tok + "&alt=json", "?alt=json&k%65y=" + tok} {
+		resp, b := e.do("POST", "/v1beta/models/gemini-x:generateContent"+q, body, nil)
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: got %d %s", q, resp.StatusCode, b)
+		}
+	}
+	for _, r := range up.requests() {
+		if strings.Contains(r.Query, tok) || strings.Contains(r.Path, tok) {
+			t.Errorf("the upstream saw the client's token: %s?%s", r.Path, r.Query)
+		}
+	}
+}
