@@ -63,6 +63,9 @@ type fakeBehavior struct {
 	ErrType    string // error type for Status or FirstEventError
 	RetryAfter string // Retry-After header on an error
 	RequireKey string // answer 401 unless this key is presented
+	// EchoHeaders, with Status, puts the request's headers in the error
+	// message, as debugging upstreams do: keys and all.
+	EchoHeaders bool
 
 	HTML404        bool   // 404 with an HTML page (a wrong URL)
 	Redirect       string // answer 308 to this Location
@@ -259,7 +262,11 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		writeFakeError(w, p, 401, "authentication_error", "invalid x-api-key", "")
 		return
 	case b.Status != 0:
-		writeFakeError(w, p, b.Status, b.ErrType, fmt.Sprintf("fake %s error %d", f.name, b.Status), b.RetryAfter)
+		msg := fmt.Sprintf("fake %s error %d", f.name, b.Status)
+		if b.EchoHeaders {
+			msg += fmt.Sprintf("; request headers: %v", r.Header)
+		}
+		writeFakeError(w, p, b.Status, b.ErrType, msg, b.RetryAfter)
 		return
 	case b.EmptyBody:
 		w.Header().Set("Content-Type", "application/json")

@@ -207,6 +207,7 @@ type exchange struct {
 	model     string
 	gemAction string // gemini: the action after the model in the path
 	path      string // the client's path, decoded and checked (see clientPath)
+	secret    string // the client's token as presented, to mask it in what upstreams echo
 	info      bodyInfo
 	buf       *bodyBuf // holds body; released once a response is committed
 	body      []byte   // the request body, dropped once a response is committed
@@ -276,6 +277,9 @@ func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool
 		return false
 	}
 	x.token = name
+	if !rl.auth.open() {
+		x.secret = presentedToken(r, p)
+	}
 	path, ok := clientPath(r.URL.EscapedPath())
 	if !ok {
 		rl.reject(w, x, http.StatusBadRequest, "the path has a dot segment, an encoded slash or a backslash: ccload does not send such paths upstream")
@@ -542,10 +546,17 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	case s >= 200 && s < 300:
 		return rl.accept(ctx, actx, res, x, at)
 	case clientFault(s):
-		// The client's own error: it goes back as is, nothing cools.
+		// The client's own error: it goes back as is, nothing cools, but
+		// with the channel's keys masked if the upstream echoed them.
 		at.flowing(rl.idleWait())
+		head, _ := io.ReadAll(io.LimitReader(res.Body, maxErrorBody))
+		if red, changed := x.redact(e, head); changed {
+			head = red
+			res.Header.Del("Content-Length")
+			res.ContentLength = -1
+		}
 		rl.commit(x, s, false)
-		res.Body = &plainBody{src: res.Body, keepTail: true, wantError: true,
+		res.Body = &plainBody{src: res.Body, head: head, keepTail: true, wantError: true,
 			onClose: func(end streamEnd) { rl.settle(x, end); at.stop() }}
 		return res, verdict{}, nil
 	}
@@ -554,6 +565,7 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	if rerr != nil && ctx.Err() != nil {
 		return nil, verdict{}, errClientGone
 	}
+	body, _ = x.redact(e, body)
 	ue, isDoc := parseErrorDoc(body)
 	ev := evidence{status: res.StatusCode, apiDoc: isDoc, aux: x.aux, header: res.Header}
 	if isDoc && ue.message != "" {
@@ -680,6 +692,9 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 // for. The client sees nothing of it unless it is the last answer, and then
 // as a plain error response with the status the error names.
 func (rl *relay) errorIn200(x *exchange, res *http.Response, ue *upstreamError, doc []byte, at *attemptTimer) (*http.Response, verdict, error) {
+	e := x.tries[len(x.tries)-1].entry
+	doc, _ = x.redact(e, doc)
+	ue.message = x.redactText(e, ue.message)
 	v := rl.judge(evidence{status: ue.status, apiDoc: true, aux: x.aux, header: res.Header,
 		reason: "error in a 200 response: " + truncate(ue.message, 160)})
 	synth := bufferedResponse(&http.Response{
@@ -724,8 +739,9 @@ func (rl *relay) settle(x *exchange, end streamEnd) {
 		rl.metrics.streamClosed()
 	}
 	x.usage = end.usage
+	e := x.tries[x.served].entry
 	if end.message != "" && x.errText == "" {
-		x.errText = truncate(end.message, 200)
+		x.errText = truncate(x.redactText(e, end.message), 200)
 	}
 	var ev evidence
 	switch {
@@ -738,7 +754,7 @@ func (rl *relay) settle(x *exchange, end streamEnd) {
 		ev = evidence{status: http.StatusBadGateway, reason: "upstream closed the stream before it finished"}
 	case end.lateErr != nil:
 		ev = evidence{status: end.lateErr.status, apiDoc: true, aux: x.aux,
-			reason: "error event mid-stream: " + truncate(end.lateErr.message, 160)}
+			reason: "error event mid-stream: " + truncate(x.redactText(e, end.lateErr.message), 160)}
 	default:
 		return
 	}

@@ -225,3 +225,51 @@ func TestGeminiTokenInEncodedKeyQuery(t *testing.T) {
 		}
 	}
 }
+
+// TestUpstreamEchoesKeyInError: an upstream whose error message echoed the
+// request headers put the channel's full key into the client's answer, the
+// log's error and the channel test's message.
+func TestUpstreamEchoesKeyInError(t *testing.T) {
+	const tok = "client-token-0123456789"
+	e := newTestEnv(t, func(c *config) { c.AuthTokens = []string{"alice:" + tok} })
+	up := newFakeUpstream(t, "a")
+	keys := []string{"sk-ant-secret-key-one-0123456789", "sk-ant-secret-key-two-9876543210"}
+	ch := e.addChannel(Channel{Name: "a", URL: up.URL, APIKeys: keys})
+	leaks := func(where string, b []byte) {
+		t.Helper()
+		for _, k := range append(keys, tok) {
+			if strings.Contains(string(b), k) {
+				t.Errorf("%s holds the secret %q: %s", where, k, b)
+			}
+		}
+	}
+	auth := map[string]string{"Authorization": "Bearer " + tok, "Anthropic-Version": "2023-06-01"}
+	for _, status := range []int{500, 400} {
+		up.set(fakeBehavior{Status: status, EchoHeaders: true})
+		resp, b := e.do("POST", "/v1/messages", anthropicBody("claude-x", false), auth)
+		if resp.StatusCode != status || !strings.Contains(string(b), "request headers") {
+			t.Fatalf("got %d %s; want the upstream's %d with its message", resp.StatusCode, b, status)
+		}
+		leaks(fmt.Sprintf("the client's %d answer", status), b)
+	}
+	// The upstream did get the key: the test is not vacuous.
+	if r := up.requests(); len(r) == 0 || !slices.Contains(keys, r[0].Key) {
+		t.Fatalf("upstream requests: %+v", r)
+	}
+	adm := e.login()
+	e.settle()
+	_, logs := e.admin(adm, "GET", "/admin/logs", "")
+	if !strings.Contains(string(logs), "request headers") && !strings.Contains(string(logs), "fake a error") {
+		t.Fatalf("the log holds no error text: %s", logs)
+	}
+	leaks("/admin/logs", logs)
+	up.set(fakeBehavior{Status: 500, EchoHeaders: true})
+	st, test := e.admin(adm, "POST", fmt.Sprintf("/admin/channels/%d/test", ch.ID), `{}`)
+	if st != 200 || !strings.Contains(string(test), "fake a error") {
+		t.Fatalf("test: %d %s", st, test)
+	}
+	leaks("the channel test's answer", test)
+	if got, _ := redactBytes([]byte("x "+tok+" y"), keys, tok); strings.Contains(string(got), tok) {
+		t.Errorf("the client's token is not masked: %s", got)
+	}
+}
