@@ -114,7 +114,7 @@ func csvRecord(c Channel) []string {
 		enc.Encode(c.ModelRedirects)
 		redirects = strings.TrimSpace(b.String())
 	}
-	return []string{
+	rec := []string{
 		strconv.FormatInt(c.ID, 10),
 		c.Name,
 		strings.Join(c.APIKeys, ","),
@@ -126,6 +126,43 @@ func csvRecord(c Channel) []string {
 		c.KeyStrategy,
 		strconv.FormatBool(c.Enabled),
 	}
+	for i, v := range rec {
+		rec[i] = neutralizeCell(v)
+	}
+	return rec
+}
+
+// A spreadsheet runs a cell that starts with =, +, -, @, tab or CR as a
+// formula: a channel named =HYPERLINK(…&C2) would send the key column
+// anywhere once the export is opened. The export puts a ' before such a
+// cell (OWASP's advice), which spreadsheets read as "text"; the import
+// takes exactly that ' off again, so export → import gives back every
+// value as it was. A value that itself starts with quotes before a
+// formula character gets one more, so the rule stays reversible.
+func neutralizeCell(v string) string {
+	if formulaStart(strings.TrimLeft(v, "'")) {
+		return "'" + v
+	}
+	return v
+}
+
+// plainCell undoes neutralizeCell.
+func plainCell(v string) string {
+	if strings.HasPrefix(v, "'") && formulaStart(strings.TrimLeft(v, "'")) {
+		return v[1:]
+	}
+	return v
+}
+
+// formulaStart reports whether a spreadsheet would evaluate v. A plain
+// negative number (a priority of -1) is data, not a formula, and is left
+// as it is so the export stays readable.
+func formulaStart(v string) bool {
+	if v == "" || strings.IndexByte("=+-@\t\r", v[0]) < 0 {
+		return false
+	}
+	_, err := strconv.Atoi(v)
+	return err != nil
 }
 
 // importProblem is one thing wrong with an import file. Column is the
@@ -338,7 +375,7 @@ func parseImportFile(data []byte) *importFile {
 			}
 			v := ""
 			if i < len(rec) {
-				v = rec[i]
+				v = plainCell(rec[i])
 			}
 			row.cells[field] = v
 		}

