@@ -11,6 +11,7 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,6 +33,9 @@ type admin struct {
 	limiter *loginLimiter
 	mirror  mirrorStatus // nil without Redis
 	now     func() time.Time
+	// bodyTimeout bounds the read of a login or admin write body; zero
+	// means adminBodyTimeout.
+	bodyTimeout time.Duration
 
 	mu sync.Mutex // serializes channel writes and the reload after each
 }
@@ -95,6 +99,9 @@ func writeAPIError(w http.ResponseWriter, r *http.Request, err error) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": err.Error()})
 	case errors.Is(err, errDuplicate):
 		writeJSON(w, http.StatusConflict, map[string]string{"error": err.Error()})
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		w.Header().Set("Connection", "close")
+		writeJSON(w, http.StatusRequestTimeout, map[string]string{"error": "the request body did not arrive in time"})
 	case errors.As(err, &tooBig):
 		writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": fmt.Sprintf("request body is larger than %s", formatBytes(tooBig.Limit))})
 	default:
@@ -143,6 +150,13 @@ type channelView struct {
 	CreatedAt      time.Time         `json:"created_at"`
 	UpdatedAt      time.Time         `json:"updated_at"`
 	State          healthState       `json:"state"`
+}
+
+func (a *admin) bodyWait() time.Duration {
+	if a.bodyTimeout > 0 {
+		return a.bodyTimeout
+	}
+	return adminBodyTimeout
 }
 
 func (a *admin) view(c Channel) channelView {

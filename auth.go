@@ -366,6 +366,7 @@ func (a *admin) handleLogin() http.Handler {
 		var in struct {
 			Password string `json:"password"`
 		}
+		withBodyDeadline(w, r, a.bodyWait())
 		if err := decodeJSON(w, r, &in); err != nil {
 			return err
 		}
@@ -433,6 +434,7 @@ func (a *admin) requireSession(next http.Handler) http.Handler {
 				return &apiError{http.StatusForbidden, "cross-site request refused"}
 			}
 		}
+		withBodyDeadline(w, r, a.bodyWait())
 		next.ServeHTTP(w, r)
 		return nil
 	})

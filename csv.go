@@ -13,6 +13,7 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -289,7 +290,7 @@ func readImportBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 // of the upload a 400.
 func bodyError(err error) error {
 	var tooBig *http.MaxBytesError
-	if errors.As(err, &tooBig) {
+	if errors.As(err, &tooBig) || errors.Is(err, os.ErrDeadlineExceeded) {
 		return err
 	}
 	return invalid("reading the upload: %v", err)

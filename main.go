@@ -441,6 +441,7 @@ func (a *app) serve(ctx context.Context) error {
 }
 
 func (a *app) serveOn(ctx context.Context, ln net.Listener) error {
+	ln = limitConns(ln, a.cfg.MaxConnsPerIP)
 	srv := &http.Server{
 		Handler:           a.handler,
 		ReadHeaderTimeout: 10 * time.Second,

@@ -1,16 +1,21 @@
 package main
 
 import (
+	"bufio"
 	"encoding/csv"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"path"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/chromedp/chromedp"
 )
@@ -313,5 +318,73 @@ func TestCSVExportFormulaInjection(t *testing.T) {
 		if !sameChannel(before[i], after[i]) {
 			t.Errorf("round trip changed channel %d:\n got %+v\nwant %+v", i, after[i], before[i])
 		}
+	}
+}
+
+// slowPost opens a connection from the local address from and sends the
+// headers of a POST announcing a large body, and then only a few bytes of
+// it.
+func slowPost(t *testing.T, e *testEnv, from, path, hdr string) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+	c, err := d.Dial("tcp", strings.TrimPrefix(e.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n%s\r\n{\"pas", path, hdr)
+	return c
+}
+
+// TestSlowBodiesExhaustConnections: bodies that announce a megabyte and
+// send six bytes were held open indefinitely; enough of them took every
+// file descriptor and /healthz stopped answering.
+func TestSlowBodiesExhaustConnections(t *testing.T) {
+	const limit = 8
+	e := newTestEnv(t, func(c *config) {
+		c.MaxConnsPerIP = limit
+		c.BodyTimeout = 300 * time.Millisecond
+	})
+	e.app.admin.bodyTimeout = 300 * time.Millisecond
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "a", URL: up.URL})
+	// One address fills its quota with slow bodies, on /login, an admin
+	// write and the proxy.
+	tok := e.login()
+	var slow []net.Conn
+	for i := range limit {
+		p := []string{"/login", "/admin/channels", "/v1/messages"}[i%3]
+		slow = append(slow, slowPost(t, e, "127.0.0.2", p, "Authorization: Bearer "+tok+"\r\n"))
+	}
+	// Its next connection is refused at once...
+	extra := slowPost(t, e, "127.0.0.2", "/login", "")
+	extra.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := extra.Read(make([]byte, 1)); err != io.EOF && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("connection over the limit: read %d, %v; want it closed", n, err)
+	}
+	// ...while everyone else is served, /healthz and the admin too.
+	start := time.Now()
+	if resp, b := e.do("GET", "/healthz", "", nil); resp.StatusCode != 200 {
+		t.Fatalf("healthz: %d %s", resp.StatusCode, b)
+	}
+	e.login()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("healthz and login took %s with the slow connections open", d)
+	}
+	// Each slow body ends with 408 once its deadline passes, which frees
+	// its connection.
+	for i, c := range slow {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("slow connection %d: %v", i, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusRequestTimeout {
+			t.Errorf("slow connection %d: got %d %s; want 408", i, resp.StatusCode, b)
+		}
+	}
+	if up.count() != 0 {
+		t.Errorf("the upstream got %d requests", up.count())
 	}
 }
