@@ -1,7 +1,9 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	"crypto/hmac"
 	"crypto/pbkdf2"
 	"crypto/rand"
 	"crypto/sha256"
@@ -12,6 +14,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,23 +26,93 @@ import (
 // sessions. Every secret here is compared in constant time.
 
 // clientIP is the address the request came from, for the log and the
-// login limit. Behind a reverse proxy on this machine that is the proxy, so
-// its X-Forwarded-For (last hop) is used instead; from anyone else the
-// header is not trusted, since any client can send it.
-func clientIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		host = r.RemoteAddr
+// login limit, with the default trust (loopback proxies only).
+func clientIP(r *http.Request) string { return proxyTrust(nil).clientIP(r) }
+
+// proxyTrust is the peers whose X-Forwarded-For is believed
+// (CCLOAD_TRUSTED_PROXIES); nil means loopback only. Anyone can send the
+// header, so only what trusted proxies appended counts: the client is the
+// right-most address, over every header line, that is not itself a trusted
+// proxy.
+type proxyTrust []netip.Prefix
+
+// Bounds on what is read of X-Forwarded-For: a client may send up to a
+// megabyte of it.
+const (
+	maxForwardedHops = 16
+	maxForwardedLen  = 1024
+)
+
+func (t proxyTrust) trusts(a netip.Addr) bool {
+	if t == nil {
+		return a.IsLoopback()
 	}
-	if addr, err := netip.ParseAddr(host); err == nil && addr.Unmap().IsLoopback() {
-		if xff := r.Header.Get("X-Forwarded-For"); xff != "" {
-			if i := strings.LastIndexByte(xff, ','); i >= 0 {
-				xff = xff[i+1:]
-			}
-			return strings.TrimSpace(xff)
+	for _, p := range t {
+		if p.Contains(a) {
+			return true
 		}
 	}
-	return host
+	return false
+}
+
+func (t proxyTrust) clientIP(r *http.Request) string {
+	a := t.clientAddr(r)
+	if !a.IsValid() {
+		host, _, err := net.SplitHostPort(r.RemoteAddr)
+		if err != nil {
+			return r.RemoteAddr
+		}
+		return host
+	}
+	return a.String()
+}
+
+// clientAddr is the client's address, or the zero Addr when the peer's is
+// not one (a test's "pipe", say).
+func (t proxyTrust) clientAddr(r *http.Request) netip.Addr {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return netip.Addr{}
+	}
+	addr := ap.Addr().Unmap()
+	if !t.trusts(addr) {
+		return addr
+	}
+	lines := r.Header["X-Forwarded-For"]
+	hops, budget := 0, maxForwardedLen
+	for i := len(lines) - 1; i >= 0; i-- {
+		v := lines[i]
+		for v != "" {
+			j := strings.LastIndexByte(v, ',')
+			part := strings.TrimSpace(v[j+1:])
+			budget -= len(v) - j
+			v = v[:max(j, 0)]
+			if hops++; hops > maxForwardedHops || budget < 0 || part == "" {
+				return addr
+			}
+			a, err := parseHop(part)
+			if err != nil {
+				return addr // garbage: the last hop a trusted proxy named
+			}
+			if !t.trusts(a) {
+				return a
+			}
+			addr = a
+		}
+	}
+	return addr
+}
+
+// parseHop reads one X-Forwarded-For entry: an address, perhaps with a port.
+func parseHop(s string) (netip.Addr, error) {
+	if len(s) > 64 {
+		return netip.Addr{}, fmt.Errorf("forwarded address too long")
+	}
+	if a, err := netip.ParseAddr(s); err == nil {
+		return a.Unmap(), nil
+	}
+	ap, err := netip.ParseAddrPort(s)
+	return ap.Addr().Unmap(), err
 }
 
 // clientAuth checks the proxy's client tokens (CCLOAD_AUTH).
@@ -220,6 +293,13 @@ const (
 	loginMaxFails   = 5
 	passwordSetting = "admin_password"
 	pbkdf2Iter      = 200_000
+	deviceCookie    = "ccload_device"
+	deviceTTL       = 400 * 24 * time.Hour // browsers cap cookies at 400 days
+	// maxLimited bounds the addresses and devices the limiter remembers.
+	maxLimited = 10000
+	// hashWait is how long a login waits for a free hashing slot before it
+	// is answered 503.
+	hashWait = 5 * time.Second
 )
 
 // password checks the admin password: CCLOAD_PASS when set, else the stored
@@ -228,12 +308,37 @@ type password struct {
 	env    [32]byte // SHA-256 of CCLOAD_PASS
 	hasEnv bool
 	stored string // "pbkdf2-sha256$iter$salt$hash"
+	// slots bounds concurrent PBKDF2 checks: each takes a core for tens
+	// of milliseconds, and 200 at once slowed /healthz to a second.
+	slots chan struct{}
+	wait  time.Duration // for a slot; zero means hashWait
+}
+
+var errHashBusy = &apiError{http.StatusServiceUnavailable, "too many logins at once: try again in a moment"}
+
+// checkCtx is check behind the hashing slots; errHashBusy when none frees
+// in time.
+func (p *password) checkCtx(ctx context.Context, given string) (bool, error) {
+	if p.hasEnv {
+		return p.check(given), nil // one SHA-256: nothing to bound
+	}
+	t := time.NewTimer(cmp.Or(p.wait, hashWait))
+	defer t.Stop()
+	select {
+	case p.slots <- struct{}{}:
+	case <-t.C:
+		return false, errHashBusy
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+	defer func() { <-p.slots }()
+	return p.check(given), nil
 }
 
 // setupPassword returns the checker, generating and storing a password on
 // first start when none is configured. generated is non-empty only then.
 func setupPassword(ctx context.Context, s *Store, envPass string) (p *password, generated string, err error) {
-	p = &password{}
+	p = &password{slots: make(chan struct{}, max(1, runtime.NumCPU()/2))}
 	if envPass != "" {
 		p.env, p.hasEnv = sha256.Sum256([]byte(envPass)), true
 		return p, "", nil
@@ -284,15 +389,48 @@ func (p *password) check(given string) bool {
 	return err == nil && subtle.ConstantTimeCompare(got, want) == 1
 }
 
-// loginLimiter counts failed logins per client IP.
+// loginLimiter counts failed logins per client address (IPv6 by /64) or,
+// for a browser that logged in before, per device: a device cookie, signed
+// by the limiter, gives that browser its own count, so that guesses from
+// the same address (everyone behind one proxy) cannot lock the admin out.
 type loginLimiter struct {
-	now   func() time.Time
-	mu    sync.Mutex // guards fails
-	fails map[string][]time.Time
+	now       func() time.Time
+	deviceKey [32]byte // signs device cookies; new each start
+	mu        sync.Mutex // guards fails
+	fails     map[string][]time.Time
 }
 
 func newLoginLimiter(now func() time.Time) *loginLimiter {
-	return &loginLimiter{now: now, fails: make(map[string][]time.Time)}
+	l := &loginLimiter{now: now, fails: make(map[string][]time.Time)}
+	rand.Read(l.deviceKey[:])
+	return l
+}
+
+// newDevice returns a fresh device cookie value: an id and its signature.
+func (l *loginLimiter) newDevice() string {
+	id := rand.Text()
+	return id + "." + l.sign(id)
+}
+
+func (l *loginLimiter) sign(id string) string {
+	m := hmac.New(sha256.New, l.deviceKey[:])
+	m.Write([]byte(id))
+	return hex.EncodeToString(m.Sum(nil))
+}
+
+// key is what r's login attempts count against: its device when it shows a
+// cookie the limiter signed, else its client address.
+func (l *loginLimiter) key(r *http.Request, addr netip.Addr, ip string) string {
+	if c, err := r.Cookie(deviceCookie); err == nil {
+		if id, sig, ok := strings.Cut(c.Value, "."); ok && len(id) <= 64 &&
+			subtle.ConstantTimeCompare([]byte(sig), []byte(l.sign(id))) == 1 {
+			return "device " + id
+		}
+	}
+	if addr.IsValid() {
+		return ipKey(addr).String()
+	}
+	return clip(ip, 64)
 }
 
 // begin counts a login attempt from ip as failed until it succeeds, and
@@ -307,15 +445,20 @@ func (l *loginLimiter) begin(ip string) (time.Duration, bool) {
 	if len(recent) >= loginMaxFails {
 		return recent[0].Add(loginWindow).Sub(now), false
 	}
-	l.fails[ip] = append(recent, now)
-	if len(l.fails) > 10000 {
-		// Keep memory bounded under a spray of addresses.
+	if len(l.fails) >= maxLimited {
+		// Keep memory bounded under a spray of addresses: first what has
+		// expired, then, if all are recent, any one.
 		for k := range l.fails {
-			if len(l.prune(k, now)) == 0 {
-				delete(l.fails, k)
+			l.prune(k, now)
+		}
+		for k := range l.fails {
+			if len(l.fails) < maxLimited {
+				break
 			}
+			delete(l.fails, k)
 		}
 	}
+	l.fails[ip] = append(recent, now)
 	return 0, true
 }
 
@@ -370,15 +513,28 @@ func (a *admin) handleLogin() http.Handler {
 		if err := decodeJSON(w, r, &in); err != nil {
 			return err
 		}
-		ip := clientIP(r)
+		ip := a.limiter.key(r, a.trust.clientAddr(r), a.trust.clientIP(r))
 		if wait, ok := a.limiter.begin(ip); !ok {
 			w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())+1))
 			return &apiError{http.StatusTooManyRequests, fmt.Sprintf("too many failed logins: try again in %s", wait.Round(time.Second))}
 		}
-		if in.Password == "" || !a.pass.check(in.Password) {
+		if in.Password == "" {
+			return &apiError{http.StatusUnauthorized, "wrong password"}
+		}
+		if ok, err := a.pass.checkCtx(r.Context(), in.Password); err != nil || !ok {
+			if err != nil {
+				a.limiter.forgive(ip) // not a guess that was checked
+				return err
+			}
 			return &apiError{http.StatusUnauthorized, "wrong password"}
 		}
 		a.limiter.forgive(ip)
+		if !strings.HasPrefix(ip, "device ") {
+			http.SetCookie(w, &http.Cookie{
+				Name: deviceCookie, Value: a.limiter.newDevice(), Path: "/login", MaxAge: int(deviceTTL.Seconds()),
+				HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: a.isHTTPS(r),
+			})
+		}
 		tok := rand.Text() + rand.Text()
 		expires := a.now().Add(sessionTTL)
 		if err := a.store.CreateSession(r.Context(), tokenHash(tok), expires); err != nil {
@@ -386,7 +542,7 @@ func (a *admin) handleLogin() http.Handler {
 		}
 		http.SetCookie(w, &http.Cookie{
 			Name: sessionCookie, Value: tok, Path: "/", Expires: expires, MaxAge: int(sessionTTL.Seconds()),
-			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: isHTTPS(r),
+			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: a.isHTTPS(r),
 		})
 		writeJSON(w, http.StatusOK, map[string]any{"token": tok, "expires_at": expires.UTC()})
 		return nil
@@ -394,9 +550,13 @@ func (a *admin) handleLogin() http.Handler {
 }
 
 // isHTTPS reports whether the client reached us over TLS, directly or
-// through a local reverse proxy that says so.
-func isHTTPS(r *http.Request) bool {
-	return r.TLS != nil || (isLoopback(r) && strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https"))
+// through a trusted reverse proxy that says so.
+func (a *admin) isHTTPS(r *http.Request) bool {
+	if r.TLS != nil {
+		return true
+	}
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	return err == nil && a.trust.trusts(ap.Addr().Unmap()) && strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https")
 }
 
 func (a *admin) handleLogout() http.Handler {
@@ -407,7 +567,7 @@ func (a *admin) handleLogout() http.Handler {
 			}
 		}
 		http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: "", Path: "/", MaxAge: -1,
-			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: isHTTPS(r)})
+			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: a.isHTTPS(r)})
 		writeJSON(w, http.StatusOK, map[string]bool{"ok": true})
 		return nil
 	})

@@ -351,6 +351,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 			}
 		}
 	}
+	a.relay.trust, a.admin.trust = cfg.TrustedProxies, cfg.TrustedProxies
 	a.handler = a.routes(auth)
 
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))

@@ -29,6 +29,7 @@ type relay struct {
 	logs     *logWriter
 	metrics  *metrics
 	auth     *clientAuth
+	trust    proxyTrust // whose X-Forwarded-For names the client
 	upstream http.RoundTripper // the real transport to the channels
 	Now      func() time.Time
 
@@ -249,7 +250,7 @@ func exchangeFrom(ctx context.Context) *exchange {
 // handle returns the handler for one protocol's proxied paths.
 func (rl *relay) handle(p protocol) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		x := &exchange{start: rl.Now(), proto: p, served: -1, clientIP: clientIP(r)}
+		x := &exchange{start: rl.Now(), proto: p, served: -1, clientIP: rl.trust.clientIP(r)}
 		x.tries = x.tryBuf[:0]
 		rl.inflight.Add(1)
 		// Deferred so that the row is written even when ReverseProxy aborts

@@ -8,7 +8,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"path"
 	"slices"
@@ -386,5 +388,140 @@ func TestSlowBodiesExhaustConnections(t *testing.T) {
 	}
 	if up.count() != 0 {
 		t.Errorf("the upstream got %d requests", up.count())
+	}
+}
+
+// loginFrom posts a login with the given password and extra header lines
+// (each value its own line), carrying cookies in jar when it is not nil.
+func loginFrom(t *testing.T, e *testEnv, c *http.Client, pass string, hdr http.Header) int {
+	t.Helper()
+	req, _ := http.NewRequest("POST", e.URL+"/login", strings.NewReader(`{"password":"`+pass+`"}`))
+	req.Header.Set("Content-Type", "application/json")
+	for k, vs := range hdr {
+		for _, v := range vs {
+			req.Header.Add(k, v)
+		}
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestLoginLimiterSpoofedForwardedFor: with two X-Forwarded-For lines the
+// first, which the client writes, was the one counted, so rotating it gave
+// unlimited guesses through a proxy that appends its own line.
+func TestLoginLimiterSpoofedForwardedFor(t *testing.T) {
+	e := newTestEnv(t)
+	for i := range loginMaxFails + 1 {
+		// The client's own line rotates; the proxy's line names it.
+		hdr := http.Header{"X-Forwarded-For": {fmt.Sprintf("10.9.%d.1", i), "198.51.100.9"}}
+		st := loginFrom(t, e, e.client, "wrong", hdr)
+		if i < loginMaxFails && st != http.StatusUnauthorized {
+			t.Fatalf("try %d: got %d; want 401", i, st)
+		}
+		if i == loginMaxFails && st != http.StatusTooManyRequests {
+			t.Fatalf("try %d past the limit: got %d; want 429", i, st)
+		}
+	}
+	for _, c := range []struct {
+		trust proxyTrust
+		peer  string
+		lines []string
+		want  string
+	}{
+		{nil, "127.0.0.1:5", []string{"1.2.3.4, 198.51.100.9"}, "198.51.100.9"},
+		{nil, "127.0.0.1:5", []string{"6.6.6.6", "198.51.100.9, 127.0.0.1"}, "198.51.100.9"},
+		{nil, "203.0.113.1:5", []string{"1.2.3.4"}, "203.0.113.1"},
+		{proxyTrust{netip.MustParsePrefix("10.0.0.0/8")}, "10.0.0.5:5", []string{"6.6.6.6, 198.51.100.9, 10.1.1.1"}, "198.51.100.9"},
+		{proxyTrust{netip.MustParsePrefix("10.0.0.0/8")}, "127.0.0.1:5", []string{"6.6.6.6"}, "127.0.0.1"},
+		{nil, "127.0.0.1:5", []string{"garbage, 198.51.100.9:443"}, "198.51.100.9"},
+		{nil, "127.0.0.1:5", []string{strings.Repeat("9", 900<<10)}, "127.0.0.1"},
+	} {
+		r, _ := http.NewRequest("GET", "/", nil)
+		r.RemoteAddr = c.peer
+		r.Header["X-Forwarded-For"] = c.lines
+		if got := c.trust.clientIP(r); got != c.want {
+			t.Errorf("peer %s, lines %.40q: got %q; want %q", c.peer, c.lines, got, c.want)
+		}
+	}
+}
+
+// TestLoginLimiterHugeForwardedValues: unique 900 KB X-Forwarded-For
+// values each became a limiter key (445 MB for 300 of them).
+func TestLoginLimiterHugeForwardedValues(t *testing.T) {
+	e := newTestEnv(t)
+	for i := range 20 {
+		v := fmt.Sprintf("%d%s", i, strings.Repeat("x", 900<<10))
+		loginFrom(t, e, e.client, "wrong", http.Header{"X-Forwarded-For": {v}})
+	}
+	l := e.app.admin.limiter
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	total := 0
+	for k := range l.fails {
+		total += len(k)
+	}
+	if total > 20*64 {
+		t.Errorf("the limiter holds %d bytes of keys for 20 logins", total)
+	}
+	// And its size is capped, whatever the spray.
+	for i := range maxLimited + 50 {
+		l.mu.Unlock()
+		l.begin(fmt.Sprintf("192.0.%d.%d", i>>8, i&255))
+		l.mu.Lock()
+	}
+	if n := len(l.fails); n > maxLimited {
+		t.Errorf("the limiter holds %d entries; want at most %d", n, maxLimited)
+	}
+}
+
+// TestConcurrentPasswordHashingStarvesServer: every login ran PBKDF2 at
+// once, however many came; 200 of them slowed /healthz to a second.
+func TestConcurrentPasswordHashingStarvesServer(t *testing.T) {
+	e := newTestEnv(t, func(c *config) { c.AdminPass = "" })
+	p := e.app.admin.pass
+	p.wait = 50 * time.Millisecond
+	// Every slot busy: the next login waits for one, then gives up.
+	for range cap(p.slots) {
+		p.slots <- struct{}{}
+	}
+	if st := loginFrom(t, e, e.client, "any", nil); st != http.StatusServiceUnavailable {
+		t.Errorf("login with every hashing slot taken: got %d; want 503", st)
+	}
+	for range cap(p.slots) {
+		<-p.slots
+	}
+	if st := loginFrom(t, e, e.client, "wrong", nil); st != http.StatusUnauthorized {
+		t.Errorf("login with free slots: got %d; want 401", st)
+	}
+}
+
+// TestLoginLockoutLocksOutRightPassword: everyone behind one proxy address
+// shares a limit, so five wrong guesses by anyone there locked the admin
+// out too. A browser that logged in before keeps its own count.
+func TestLoginLockoutLocksOutRightPassword(t *testing.T) {
+	e := newTestEnv(t)
+	jar, _ := cookiejar.New(nil)
+	admin := &http.Client{Jar: jar}
+	if st := loginFrom(t, e, admin, testAdminPass, nil); st != 200 {
+		t.Fatalf("first login: %d", st)
+	}
+	for range loginMaxFails {
+		loginFrom(t, e, e.client, "guess", nil)
+	}
+	if st := loginFrom(t, e, e.client, testAdminPass, nil); st != http.StatusTooManyRequests {
+		t.Errorf("the address is locked: got %d; want 429", st)
+	}
+	if st := loginFrom(t, e, admin, testAdminPass, nil); st != 200 {
+		t.Errorf("the admin's browser, which logged in before: got %d; want 200", st)
+	}
+	// A forged device cookie counts as the address.
+	forged := http.Header{"Cookie": {deviceCookie + "=abc.0123"}}
+	if st := loginFrom(t, e, e.client, testAdminPass, forged); st != http.StatusTooManyRequests {
+		t.Errorf("forged device cookie: got %d; want 429", st)
 	}
 }
