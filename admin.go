@@ -31,7 +31,7 @@ type admin struct {
 	relay   *relay
 	pass    *password
 	limiter *loginLimiter
-	trust   proxyTrust // whose X-Forwarded-For names the client
+	trust   proxyTrust   // whose X-Forwarded-For names the client
 	mirror  mirrorStatus // nil without Redis
 	now     func() time.Time
 	// bodyTimeout bounds the read of a login or admin write body; zero

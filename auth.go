@@ -395,7 +395,7 @@ func (p *password) check(given string) bool {
 // the same address (everyone behind one proxy) cannot lock the admin out.
 type loginLimiter struct {
 	now       func() time.Time
-	deviceKey [32]byte // signs device cookies; new each start
+	deviceKey [32]byte   // signs device cookies; new each start
 	mu        sync.Mutex // guards fails
 	fails     map[string][]time.Time
 }

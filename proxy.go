@@ -29,7 +29,7 @@ type relay struct {
 	logs     *logWriter
 	metrics  *metrics
 	auth     *clientAuth
-	trust    proxyTrust // whose X-Forwarded-For names the client
+	trust    proxyTrust        // whose X-Forwarded-For names the client
 	upstream http.RoundTripper // the real transport to the channels
 	Now      func() time.Time
 
