@@ -312,6 +312,40 @@ type password struct {
 	// of milliseconds, and 200 at once slowed /healthz to a second.
 	slots chan struct{}
 	wait  time.Duration // for a slot; zero means hashWait
+	// fp is the password's fingerprint, stored with each session so that
+	// a session opened under another password is no longer valid.
+	fp string
+}
+
+// sessionSaltSetting salts the fingerprint of CCLOAD_PASS, so that the
+// sessions table does not hold a plain hash of it.
+const sessionSaltSetting = "session_salt"
+
+// fingerprint derives p.fp. A stored password is already a salted PBKDF2
+// hash, and its fingerprint a hash of that; CCLOAD_PASS gets a PBKDF2 of
+// its own with a salt kept in the database.
+func (p *password) fingerprint(ctx context.Context, s *Store, envPass string) error {
+	if !p.hasEnv {
+		d := sha256.Sum256([]byte("ccload session\x00" + p.stored))
+		p.fp = hex.EncodeToString(d[:16])
+		return nil
+	}
+	salt, err := s.Setting(ctx, sessionSaltSetting)
+	if err != nil {
+		return fmt.Errorf("read session salt: %w", err)
+	}
+	if salt == "" {
+		salt = rand.Text()
+		if err := s.SetSetting(ctx, sessionSaltSetting, salt); err != nil {
+			return fmt.Errorf("store session salt: %w", err)
+		}
+	}
+	dk, err := pbkdf2.Key(sha256.New, envPass, []byte(salt), 10_000, 16)
+	if err != nil {
+		return err
+	}
+	p.fp = hex.EncodeToString(dk)
+	return nil
 }
 
 var errHashBusy = &apiError{http.StatusServiceUnavailable, "too many logins at once: try again in a moment"}
@@ -341,7 +375,7 @@ func setupPassword(ctx context.Context, s *Store, envPass string) (p *password, 
 	p = &password{slots: make(chan struct{}, max(1, runtime.NumCPU()/2))}
 	if envPass != "" {
 		p.env, p.hasEnv = sha256.Sum256([]byte(envPass)), true
-		return p, "", nil
+		return p, "", p.fingerprint(ctx, s, envPass)
 	}
 	stored, err := s.Setting(ctx, passwordSetting)
 	if err != nil {
@@ -357,7 +391,7 @@ func setupPassword(ctx context.Context, s *Store, envPass string) (p *password, 
 		}
 	}
 	p.stored = stored
-	return p, generated, nil
+	return p, generated, p.fingerprint(ctx, s, "")
 }
 
 func hashPassword(pw string) (string, error) {
@@ -537,7 +571,7 @@ func (a *admin) handleLogin() http.Handler {
 		}
 		tok := rand.Text() + rand.Text()
 		expires := a.now().Add(sessionTTL)
-		if err := a.store.CreateSession(r.Context(), tokenHash(tok), expires); err != nil {
+		if err := a.store.CreateSessionFor(r.Context(), tokenHash(tok), a.pass.fp, expires); err != nil {
 			return fmt.Errorf("create session: %w", err)
 		}
 		http.SetCookie(w, &http.Cookie{
@@ -573,6 +607,21 @@ func (a *admin) handleLogout() http.Handler {
 	})
 }
 
+// handleLogoutAll ends every session, this one too: after a leaked
+// cookie or token, or a shared browser.
+func (a *admin) handleLogoutAll() http.Handler {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
+		n, err := a.store.DeleteAllSessions(r.Context())
+		if err != nil {
+			return fmt.Errorf("end sessions: %w", err)
+		}
+		http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: "", Path: "/", MaxAge: -1,
+			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: a.isHTTPS(r)})
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "sessions_ended": n})
+		return nil
+	})
+}
+
 // requireSession guards the admin API: a valid session by cookie or bearer
 // token, and for cookie-authenticated writes, a same-origin request.
 func (a *admin) requireSession(next http.Handler) http.Handler {
@@ -582,7 +631,7 @@ func (a *admin) requireSession(next http.Handler) http.Handler {
 		if tok == "" {
 			return &apiError{http.StatusUnauthorized, "login required: POST /login, then send the cookie or Authorization: Bearer <token>"}
 		}
-		ok, err := a.store.SessionValid(r.Context(), tokenHash(tok))
+		ok, err := a.store.SessionValidFor(r.Context(), tokenHash(tok), a.pass.fp)
 		if err != nil {
 			return fmt.Errorf("check session: %w", err)
 		}

@@ -422,6 +422,7 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("GET /admin/logs", ad.handleLogs())
 	admin("GET /admin/stats", ad.handleStats())
 	admin("GET /admin/trends", ad.handleTrends())
+	admin("POST /admin/logout-all", ad.handleLogoutAll())
 	admin("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such admin endpoint: " + r.Method + " " + r.URL.Path})
 	}))

@@ -525,3 +525,58 @@ func TestLoginLockoutLocksOutRightPassword(t *testing.T) {
 		t.Errorf("forged device cookie: got %d; want 429", st)
 	}
 }
+
+// TestSessionSurvivesPasswordChange: after a restart with a new
+// CCLOAD_PASS the old session token still exported every key.
+func TestSessionSurvivesPasswordChange(t *testing.T) {
+	cfg := testConfig(t)
+	e := startEnv(t, cfg)
+	tok := e.login()
+	e.close()
+	// The same password keeps the session...
+	e = startEnv(t, cfg)
+	if st, b := e.admin(tok, "GET", "/admin/channels/export", ""); st != 200 {
+		t.Fatalf("same password: got %d %s; want 200", st, b)
+	}
+	e.close()
+	// ...a new one ends it.
+	cfg.AdminPass = "a new password entirely"
+	e = startEnv(t, cfg)
+	if st, b := e.admin(tok, "GET", "/admin/channels/export", ""); st != http.StatusUnauthorized {
+		t.Fatalf("old session after a password change: got %d %s; want 401", st, b)
+	}
+}
+
+// TestStolenSessionOutlivesLogout: logging out ended only the session that
+// asked; a stolen token stayed good until it expired. "Log out everywhere"
+// ends them all.
+func TestStolenSessionOutlivesLogout(t *testing.T) {
+	e := newTestEnv(t)
+	mine, stolen := e.login(), e.login()
+	st, b := e.admin(mine, "POST", "/admin/logout-all", "")
+	if st != 200 || !strings.Contains(string(b), `"sessions_ended":2`) {
+		t.Fatalf("logout-all: %d %s", st, b)
+	}
+	for _, tok := range []string{mine, stolen} {
+		if st, _ := e.admin(tok, "GET", "/admin/channels", ""); st != http.StatusUnauthorized {
+			t.Errorf("a session after logout-all: got %d; want 401", st)
+		}
+	}
+}
+
+// TestAdminJSONSniffed: the admin API's JSON, which echoes names the admin
+// typed, carried no X-Content-Type-Options, so a browser could sniff it as
+// something else.
+func TestAdminJSONSniffed(t *testing.T) {
+	e := newTestEnv(t)
+	tok := e.login()
+	for _, p := range []string{"/admin/channels", "/admin/summary", "/admin/nothing"} {
+		resp, _ := e.do("GET", p, "", map[string]string{"Authorization": "Bearer " + tok})
+		if got := resp.Header.Get("X-Content-Type-Options"); got != "nosniff" {
+			t.Errorf("GET %s: X-Content-Type-Options %q; want nosniff", p, got)
+		}
+	}
+	if resp, _ := e.do("POST", "/login", `{"password":"x"}`, nil); resp.Header.Get("X-Content-Type-Options") != "nosniff" {
+		t.Errorf("POST /login: no nosniff")
+	}
+}
