@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"net/url"
 	"path"
+	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -578,5 +579,75 @@ func TestAdminJSONSniffed(t *testing.T) {
 	}
 	if resp, _ := e.do("POST", "/login", `{"password":"x"}`, nil); resp.Header.Get("X-Content-Type-Options") != "nosniff" {
 		t.Errorf("POST /login: no nosniff")
+	}
+}
+
+// TestCSVImportExhaustsMemory: a 1 MB header of a million empty columns
+// killed the process (4.8 GB), and one 9 MiB row of commas took 740 MB.
+// Any file the import accepts to read (10 MiB at most) must stay under
+// about 100 MB, measured here as all the memory parsing and planning it
+// allocates.
+func TestCSVImportExhaustsMemory(t *testing.T) {
+	const limit = maxImportBody
+	pad := func(head string, fill func(b *strings.Builder), tail ...string) []byte {
+		var b strings.Builder
+		b.WriteString(head)
+		for b.Len() < limit-1024 {
+			fill(&b)
+		}
+		b.WriteString(strings.Join(tail, ""))
+		return []byte(b.String())
+	}
+	files := map[string][]byte{
+		"a million empty columns": []byte(strings.Repeat(",", 1_000_000) + "name\n" + strings.Repeat("a\n", 200)),
+		"one row of commas":       pad("name,url,api_key\n", func(b *strings.Builder) { b.WriteString(",,,,,,,,,,,,,,,,") }),
+		"one cell of many keys": pad("name,url,api_key\nx,http://up.example,\"", func(b *strings.Builder) {
+			fmt.Fprintf(b, "sk-%d-0123456789,", b.Len())
+		}, "sk-last-0123456789\"\n"),
+		"one huge name":  pad("name,url,api_key\n\"", func(b *strings.Builder) { b.WriteString("nnnnnnnnnnnnnnnn") }, "\",http://up.example,sk-0123456789\n"),
+		"blank lines":    pad("name\n", func(b *strings.Builder) { b.WriteString("\n\n\n\n\n\n\n\n") }),
+		"many wide rows": pad(strings.Repeat("c,", 99)+"name\n", func(b *strings.Builder) { b.WriteString(strings.Repeat("v,", 99) + "n\n") }),
+		"the most rows allowed": pad("name,url,api_key,models\n", func(b *strings.Builder) {
+			fmt.Fprintf(b, "ch-%d,http://up.example/%d,sk-%d-0123456789,\"%s\"\n", b.Len(), b.Len(), b.Len(), strings.Repeat("m,", 40))
+		}),
+	}
+	for name, data := range files {
+		if len(data) > limit {
+			t.Fatalf("%s: %d bytes, over the limit", name, len(data))
+		}
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		base, peak := ms.HeapInuse, ms.HeapInuse
+		// Sample the heap while the import runs: its peak, garbage not
+		// yet collected included, is what the process needs.
+		done, sampled := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(sampled)
+			tick := time.NewTicker(time.Millisecond)
+			defer tick.Stop()
+			for {
+				var m runtime.MemStats
+				runtime.ReadMemStats(&m)
+				peak = max(peak, m.HeapInuse)
+				select {
+				case <-done:
+					return
+				case <-tick.C:
+				}
+			}
+		}()
+		f := parseImportFile(data)
+		plan := planImport(nil, f)
+		close(done)
+		<-sampled
+		used := peak - base
+		t.Logf("%s (%d bytes): peak heap +%d MB, %d rows, %d problems", name, len(data), used>>20, len(f.rows), len(plan.problems))
+		if used > 100<<20 {
+			t.Errorf("%s: importing took %d MB; want under 100 MB", name, used>>20)
+		}
+	}
+	if f := parseImportFile(files["a million empty columns"]); len(f.problems) != 1 || !strings.Contains(f.problems[0].Message, "more than 100 cells") {
+		t.Errorf("a million columns: problems %+v", f.problems)
 	}
 }
