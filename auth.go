@@ -656,7 +656,7 @@ type securityConfig struct {
 	Origins []string
 	// TrustedProxies are the peers whose forwarded-for headers are
 	// believed (CCLOAD_TRUSTED_PROXIES). Nil means loopback only.
-	TrustedProxies []netip.Prefix
+	TrustedProxies proxyTrust
 	// MaxConnsPerIP bounds the connections one client address holds open
 	// (CCLOAD_MAX_CONNS_PER_IP). Zero means the default (see connlimit.go);
 	// negative means no bound.
@@ -676,7 +676,7 @@ func (c *securityConfig) load(getenv func(string) string) []error {
 		c.Origins = append(c.Origins, strings.TrimSuffix(o, "/"))
 	}
 	if v := strings.TrimSpace(getenv("CCLOAD_TRUSTED_PROXIES")); v != "" {
-		c.TrustedProxies = []netip.Prefix{} // set, even if to nothing: "none" trusts no proxy
+		c.TrustedProxies = proxyTrust{} // set, even if to nothing: "none" trusts no proxy
 		for p := range strings.SplitSeq(v, ",") {
 			if p = strings.TrimSpace(p); p == "" || strings.EqualFold(p, "none") {
 				continue

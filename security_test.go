@@ -663,3 +663,26 @@ func TestCSVImportExhaustsMemory(t *testing.T) {
 		t.Errorf("a million columns: problems %+v", f.problems)
 	}
 }
+
+// TestSecurityConfig: the new variables parse, and bad values are clear
+// errors that name the variable.
+func TestSecurityConfig(t *testing.T) {
+	env := map[string]string{"CCLOAD_ORIGINS": "http://localhost:3000, *", "CCLOAD_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7",
+		"CCLOAD_BODY_TIMEOUT": "5s", "CCLOAD_MAX_CONNS_PER_IP": "0"}
+	c, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Origins) != 2 || len(c.TrustedProxies) != 2 || c.bodyWait() != 5*time.Second || c.MaxConnsPerIP != -1 ||
+		!c.TrustedProxies.trusts(netip.MustParseAddr("10.1.2.3")) || c.TrustedProxies.trusts(netip.MustParseAddr("127.0.0.1")) {
+		t.Errorf("parsed: %+v", c.securityConfig)
+	}
+	bad := map[string]string{"CCLOAD_ORIGINS": "localhost:3000/x", "CCLOAD_TRUSTED_PROXIES": "10.0.0.0/99",
+		"CCLOAD_BODY_TIMEOUT": "never", "CCLOAD_MAX_CONNS_PER_IP": "-3"}
+	_, err = loadConfig(func(k string) string { return bad[k] })
+	for k := range bad {
+		if err == nil || !strings.Contains(err.Error(), k) {
+			t.Errorf("bad %s: got %v", k, err)
+		}
+	}
+}
