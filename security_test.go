@@ -686,3 +686,20 @@ func TestSecurityConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestBrowserLogOutEverywhere: the web admin's button ends every session,
+// another device's too.
+func TestBrowserLogOutEverywhere(t *testing.T) {
+	bctx := startChromium(t)
+	e := newTestEnv(t)
+	other := e.login() // another device
+	b := newBrowser(t, bctx, e)
+	b.loginAt("#/dashboard", "#summary-cards .stat")
+	b.do("log out everywhere", chromedp.Click(chromedp.CSS("#logout-all")), chromedp.WaitVisible(chromedp.CSS("#password")))
+	if st, _ := e.admin(other, "GET", "/admin/channels", ""); st != http.StatusUnauthorized {
+		t.Errorf("the other device's session after log out everywhere: got %d; want 401", st)
+	}
+	if n := eval[string](b, "document.getElementById('logout-all').textContent"); n != "Log out everywhere" {
+		t.Errorf("button text %q", n)
+	}
+}
