@@ -11,6 +11,7 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,8 +31,12 @@ type admin struct {
 	relay   *relay
 	pass    *password
 	limiter *loginLimiter
+	trust   proxyTrust   // whose X-Forwarded-For names the client
 	mirror  mirrorStatus // nil without Redis
 	now     func() time.Time
+	// bodyTimeout bounds the read of a login or admin write body; zero
+	// means adminBodyTimeout.
+	bodyTimeout time.Duration
 
 	sessions sessionStore  // admin sessions: the store, or shared through Redis (cluster.go)
 	replica  string        // CCLOAD_REPLICA
@@ -74,6 +79,9 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
+	// A browser must never read an answer that echoes user input (a
+	// channel name, say) as anything but JSON.
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(status)
 	w.Write(b)
 	w.Write([]byte{'\n'})
@@ -101,6 +109,9 @@ func writeAPIError(w http.ResponseWriter, r *http.Request, err error) {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": errStorageFull.Error()})
 	case errors.Is(err, errDuplicate):
 		writeJSON(w, http.StatusConflict, map[string]string{"error": err.Error()})
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		w.Header().Set("Connection", "close")
+		writeJSON(w, http.StatusRequestTimeout, map[string]string{"error": "the request body did not arrive in time"})
 	case errors.As(err, &tooBig):
 		writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": fmt.Sprintf("request body is larger than %s", formatBytes(tooBig.Limit))})
 	default:
@@ -149,6 +160,13 @@ type channelView struct {
 	CreatedAt      time.Time         `json:"created_at"`
 	UpdatedAt      time.Time         `json:"updated_at"`
 	State          healthState       `json:"state"`
+}
+
+func (a *admin) bodyWait() time.Duration {
+	if a.bodyTimeout > 0 {
+		return a.bodyTimeout
+	}
+	return adminBodyTimeout
 }
 
 func (a *admin) view(c Channel) channelView {

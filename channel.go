@@ -398,10 +398,15 @@ func splitList(s string) []string {
 	return strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ';' || r == '\n' || r == '\r' })
 }
 
+// dedupe keeps the first of each value, in order. A map, not a scan of
+// what is kept: a CSV cell of half a million keys made the scan take
+// minutes.
 func dedupe(l []string) []string {
 	out := l[:0:0]
+	seen := make(map[string]struct{}, len(l))
 	for _, v := range l {
-		if !slices.Contains(out, v) {
+		if _, dup := seen[v]; !dup {
+			seen[v] = struct{}{}
 			out = append(out, v)
 		}
 	}

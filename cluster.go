@@ -713,45 +713,65 @@ func (c *cooldowns) applyRemote(h *channelHealth, r cooldownRecord) {
 
 // sessionStore keeps admin sessions by the hash of their token. *Store is
 // one (this replica only); clusterSessions shares them through Redis.
+// Each session carries the fingerprint of the admin password it was opened
+// under (see auth.go): one opened under another password is not valid.
 type sessionStore interface {
-	CreateSession(ctx context.Context, tokenHash string, expires time.Time) error
-	SessionValid(ctx context.Context, tokenHash string) (bool, error)
+	CreateSessionFor(ctx context.Context, tokenHash, passFP string, expires time.Time) error
+	SessionValidFor(ctx context.Context, tokenHash, passFP string) (bool, error)
 	DeleteSession(ctx context.Context, tokenHash string) error
+	DeleteAllSessions(ctx context.Context) (int64, error)
 }
 
 // clusterSessions writes every session to the local database and to Redis.
-// A check asks Redis first: "1" is valid anywhere, "0" was logged out on
-// some replica; no answer (Redis away, or a session made while it was)
-// falls back to the local database.
+// A check asks Redis first: "1" and the password fingerprint is valid
+// anywhere under that password, "0" was logged out on some replica; no
+// answer (Redis away, or a session made while it was) falls back to the
+// local database.
 type clusterSessions struct {
 	local  *Store
 	client *redis.Client
 	now    func() time.Time
 }
 
-func (cs clusterSessions) CreateSession(ctx context.Context, hash string, expires time.Time) error {
-	if err := cs.local.CreateSession(ctx, hash, expires); err != nil {
+func (cs clusterSessions) CreateSessionFor(ctx context.Context, hash, passFP string, expires time.Time) error {
+	if err := cs.local.CreateSessionFor(ctx, hash, passFP, expires); err != nil {
 		return err
 	}
 	rctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
-	if err := cs.client.Set(rctx, sessionPrefix+hash, "1", expires.Sub(cs.now())).Err(); err != nil {
+	if err := cs.client.Set(rctx, sessionPrefix+hash, "1"+passFP, expires.Sub(cs.now())).Err(); err != nil {
 		slog.Warn("cluster: session kept on this replica only (Redis unreachable)", "err", err)
 	}
 	return nil
 }
 
-func (cs clusterSessions) SessionValid(ctx context.Context, hash string) (bool, error) {
+func (cs clusterSessions) SessionValidFor(ctx context.Context, hash, passFP string) (bool, error) {
 	rctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 	v, err := cs.client.Get(rctx, sessionPrefix+hash).Result()
 	cancel()
-	switch {
-	case err == nil && v == "1":
-		return true, nil
-	case err == nil:
-		return false, nil
+	if err == nil {
+		return v == "1"+passFP, nil
 	}
-	return cs.local.SessionValid(ctx, hash)
+	return cs.local.SessionValidFor(ctx, hash, passFP)
+}
+
+// DeleteAllSessions ends every session here and, through tombstones in
+// Redis, on every replica.
+func (cs clusterSessions) DeleteAllSessions(ctx context.Context) (int64, error) {
+	n, err := cs.local.DeleteAllSessions(ctx)
+	if err != nil {
+		return 0, err
+	}
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	iter := cs.client.Scan(rctx, 0, sessionPrefix+"*", 1000).Iterator()
+	for iter.Next(rctx) {
+		cs.client.Set(rctx, iter.Val(), "0", sessionTTL)
+	}
+	if err := iter.Err(); err != nil {
+		slog.Warn("cluster: log-out-everywhere not shared (Redis unreachable): other replicas end their sessions when they expire", "err", err)
+	}
+	return n, nil
 }
 
 func (cs clusterSessions) DeleteSession(ctx context.Context, hash string) error {

@@ -13,6 +13,7 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -30,6 +31,14 @@ const (
 	// maxImportRows bounds how long an import holds the database's write
 	// lock (about 40µs a row); real setups have tens of channels.
 	maxImportRows = 10000
+	// maxImportCells bounds the cells of the header and of each row: a
+	// channel has ten fields, and a spreadsheet may add a few columns of
+	// its own. Without it a header of a million empty columns took 4.8 GB
+	// (a map per row, sized to the header).
+	maxImportCells = 100
+	// maxImportCell bounds one cell: room for thousands of keys, not for
+	// one cell of half a million that each become a string and a map entry.
+	maxImportCell = 256 << 10
 )
 
 // csvColumns is the export's header, in order. Each is also the name of the
@@ -114,7 +123,7 @@ func csvRecord(c Channel) []string {
 		enc.Encode(c.ModelRedirects)
 		redirects = strings.TrimSpace(b.String())
 	}
-	return []string{
+	rec := []string{
 		strconv.FormatInt(c.ID, 10),
 		c.Name,
 		strings.Join(c.APIKeys, ","),
@@ -126,6 +135,43 @@ func csvRecord(c Channel) []string {
 		c.KeyStrategy,
 		strconv.FormatBool(c.Enabled),
 	}
+	for i, v := range rec {
+		rec[i] = neutralizeCell(v)
+	}
+	return rec
+}
+
+// A spreadsheet runs a cell that starts with =, +, -, @, tab or CR as a
+// formula: a channel named =HYPERLINK(…&C2) would send the key column
+// anywhere once the export is opened. The export puts a ' before such a
+// cell (OWASP's advice), which spreadsheets read as "text"; the import
+// takes exactly that ' off again, so export → import gives back every
+// value as it was. A value that itself starts with quotes before a
+// formula character gets one more, so the rule stays reversible.
+func neutralizeCell(v string) string {
+	if formulaStart(strings.TrimLeft(v, "'")) {
+		return "'" + v
+	}
+	return v
+}
+
+// plainCell undoes neutralizeCell.
+func plainCell(v string) string {
+	if strings.HasPrefix(v, "'") && formulaStart(strings.TrimLeft(v, "'")) {
+		return v[1:]
+	}
+	return v
+}
+
+// formulaStart reports whether a spreadsheet would evaluate v. A plain
+// negative number (a priority of -1) is data, not a formula, and is left
+// as it is so the export stays readable.
+func formulaStart(v string) bool {
+	if v == "" || strings.IndexByte("=+-@\t\r", v[0]) < 0 {
+		return false
+	}
+	_, err := strconv.Atoi(v)
+	return err != nil
 }
 
 // importProblem is one thing wrong with an import file. Column is the
@@ -252,7 +298,7 @@ func readImportBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 // of the upload a 400.
 func bodyError(err error) error {
 	var tooBig *http.MaxBytesError
-	if errors.As(err, &tooBig) {
+	if errors.As(err, &tooBig) || errors.Is(err, os.ErrDeadlineExceeded) {
 		return err
 	}
 	return invalid("reading the upload: %v", err)
@@ -271,8 +317,15 @@ func parseImportFile(data []byte) *importFile {
 		f.problems = append(f.problems, importProblem{1, "", "the file is empty: expected a header line such as " + strings.Join(csvColumns, ",")})
 		return f
 	}
+	comma := sniffDelimiter(text)
+	// csv.Reader holds a whole record before anyone can count its cells,
+	// so a row of nine million commas must be refused before it is read.
+	if line, msg := cellsWithin(text, byte(comma), maxImportCells, maxImportCell); msg != "" {
+		f.problems = append(f.problems, importProblem{line, "", msg})
+		return f
+	}
 	cr := csv.NewReader(strings.NewReader(text))
-	cr.Comma = sniffDelimiter(text)
+	cr.Comma = comma
 	cr.FieldsPerRecord = -1
 	cr.TrimLeadingSpace = true
 	header, err2 := cr.Read()
@@ -338,7 +391,7 @@ func parseImportFile(data []byte) *importFile {
 			}
 			v := ""
 			if i < len(rec) {
-				v = rec[i]
+				v = plainCell(rec[i])
 			}
 			row.cells[field] = v
 		}
@@ -382,6 +435,50 @@ func csvText(b []byte) (string, *importProblem) {
 			`the file is not UTF-8 text (Excel's plain "CSV" uses the local code page): save it as "CSV UTF-8", or export it from ccload again`}
 	}
 	return string(b), nil
+}
+
+// cellsWithin checks that every record of text has at most limit cells and
+// every cell at most maxCell bytes; if not, it returns the line where the
+// record starts and what is wrong. It follows the quoting csv.Reader reads
+// (a quote opens a cell only at its start, after any spaces, and "" inside
+// is one quote) without allocating.
+func cellsWithin(text string, comma byte, limit, maxCell int) (line int, msg string) {
+	line, start := 1, 1
+	cells, inQuote, atStart := 1, false, true
+	cellStart := 0
+	for i := 0; i < len(text); i++ {
+		c := text[i]
+		if i-cellStart > maxCell {
+			return start, fmt.Sprintf("a cell is longer than %s", formatBytes(int64(maxCell)))
+		}
+		if inQuote {
+			switch {
+			case c == '"' && i+1 < len(text) && text[i+1] == '"':
+				i++
+			case c == '"':
+				inQuote = false
+			case c == '\n':
+				line++
+			}
+			continue
+		}
+		switch {
+		case c == comma:
+			if cells++; cells > limit {
+				return start, fmt.Sprintf("the line has more than %d cells: a channel has %d fields", limit, len(csvColumns))
+			}
+			atStart, cellStart = true, i
+		case c == '\n':
+			line++
+			start, cells, atStart, cellStart = line, 1, true, i
+		case c == '"' && atStart:
+			inQuote, atStart = true, false
+		case c == ' ' || c == '\r':
+		default:
+			atStart = false
+		}
+	}
+	return 0, ""
 }
 
 // sniffDelimiter picks the separator the header line uses: a comma, or the

@@ -345,7 +345,8 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		writeFakeError(w, p, 401, "authentication_error", "invalid x-api-key", "")
 		return
 	case b.Status != 0:
-		writeFakeError(w, p, b.Status, b.ErrType, fmt.Sprintf("fake %s error %d", f.name, b.Status), b.RetryAfter)
+		msg := fmt.Sprintf("fake %s error %d", f.name, b.Status)
+		writeFakeError(w, p, b.Status, b.ErrType, msg, b.RetryAfter)
 		return
 	case b.EmptyBody:
 		w.Header().Set("Content-Type", "application/json")

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 
 	"modernc.org/sqlite"
@@ -13,7 +12,7 @@ import (
 // event is capped (sse.go, CCLOAD_MAX_EVENT), a non-stream body is capped
 // here (CCLOAD_MAX_RESPONSE), response headers by the transport
 // (maxResponseHeader), error bodies by maxErrorBody; and no upstream's
-// words carry a channel's key onward (redactKeys).
+// words carry a channel's key onward (redact.go).
 
 // defaultMaxResponse is the largest non-stream response body relayed.
 // Bodies are relayed as they come, never held, so this bounds not memory
@@ -36,21 +35,6 @@ func (c *relayConfig) maxResponse() int64 {
 // already, so all the relay can do is break the body off, and blame the
 // channel.
 var errResponseTooLarge = errors.New("response body larger than CCLOAD_MAX_RESPONSE")
-
-// redactKeys replaces, in an upstream's error body, every key of the
-// channel it was sent: some relays echo the request's headers into their
-// errors, and that body goes on to the client, the log and the admin.
-// Error bodies are small (maxErrorBody), and keys rarely appear, so the
-// search costs little and the copy is made only when one is found.
-func redactKeys(body []byte, keys []string) []byte {
-	for _, k := range keys {
-		if len(k) < 8 || !bytes.Contains(body, []byte(k)) {
-			continue
-		}
-		body = bytes.ReplaceAll(body, []byte(k), []byte("[redacted]"))
-	}
-	return body
-}
 
 // errStorageFull is a write the database refused for want of space. The
 // transaction rolled back, so nothing changed; the admin hears 503 and can

@@ -61,6 +61,7 @@ type config struct {
 	Webhooks        []webhookTarget // CCLOAD_WEBHOOK_URL
 	Alerts          alerterOptions  // Quiet is CCLOAD_WEBHOOK_QUIET
 	relayConfig
+	securityConfig
 }
 
 func loadConfig(getenv func(string) string) (config, error) {
@@ -166,6 +167,14 @@ func loadConfig(getenv func(string) string) (config, error) {
 	var affErrs []error
 	c.Affinity, affErrs = loadAffinityConfig(getenv)
 	errs = append(errs, affErrs...)
+	errs = append(errs, c.securityConfig.load(getenv)...)
+	if v := getenv("CCLOAD_BODY_TIMEOUT"); v != "" {
+		d, err := parseDuration(v)
+		if err != nil || d <= 0 {
+			errs = append(errs, fmt.Errorf("CCLOAD_BODY_TIMEOUT=%q: want a duration like 60s", v))
+		}
+		c.BodyTimeout = d
+	}
 	if c.RedisURL != "" && !strings.HasPrefix(c.RedisURL, "redis://") && !strings.HasPrefix(c.RedisURL, "rediss://") {
 		errs = append(errs, errors.New("REDIS_URL must start with redis:// or rediss://"))
 	}
@@ -374,6 +383,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 
 	a.logs = newLogWriter(store, logQueueSize)
 	auth := newClientAuth(cfg.AuthTokens)
+	auth.origins = cfg.Origins
 	a.relay = newRelay(cfg.relayConfig, a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
 	a.relay.alerts = a.alerts
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,
@@ -395,6 +405,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 			}
 		}
 	}
+	a.relay.trust, a.admin.trust = cfg.TrustedProxies, cfg.TrustedProxies
 	a.handler = a.routes(auth)
 
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -421,7 +432,9 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		}
 	}()
 	if len(cfg.AuthTokens) == 0 {
-		slog.Warn("no client tokens (CCLOAD_AUTH): the proxy serves loopback clients only")
+		slog.Warn("no client tokens (CCLOAD_AUTH): the proxy serves loopback clients only, and anyone a reverse proxy " +
+			"on this machine lets in if it sends none of X-Forwarded-For, X-Real-IP, Forwarded, CF-Connecting-IP, " +
+			"True-Client-IP, X-Client-IP or Via: set CCLOAD_AUTH before putting a proxy in front")
 	}
 	return a, nil
 }
@@ -474,6 +487,7 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("GET /admin/trends", ad.handleTrends())
 	admin("GET /admin/webhooks", a.alerts.handleStatus())
 	admin("POST /admin/webhooks/test", a.alerts.handleTest())
+	admin("POST /admin/logout-all", ad.handleLogoutAll())
 	admin("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such admin endpoint: " + r.Method + " " + r.URL.Path})
 	}))
@@ -494,6 +508,7 @@ func (a *app) serve(ctx context.Context) error {
 }
 
 func (a *app) serveOn(ctx context.Context, ln net.Listener) error {
+	ln = limitConns(ln, a.cfg.MaxConnsPerIP)
 	srv := &http.Server{
 		Handler:           a.handler,
 		ReadHeaderTimeout: 10 * time.Second,

@@ -78,6 +78,9 @@ func startEnv(tb testing.TB, cfg config) *testEnv {
 			}
 		}
 	}
+	if cfg.MaxConnsPerIP > 0 {
+		e.srv.Listener = limitConns(e.srv.Listener, cfg.MaxConnsPerIP)
+	}
 	e.srv.Start()
 	e.URL = e.srv.URL
 	e.client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}

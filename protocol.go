@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -1015,4 +1016,30 @@ func (rl *relay) handleModels() http.Handler {
 		}
 		json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": data})
 	})
+}
+
+// clientPath returns the decoded path a client asked for, checked so that
+// appending it to a channel's base path can never leave that base: every
+// segment is decoded once, and a segment that is "." or "..", or that
+// decodes to hold a slash or backslash, is refused. Without this,
+// /v1beta/models/x:a%2F..%2F..%2Fanything reached the upstream as
+// <base>/v1beta/models/x:a/../../anything, with the channel's key on it.
+func clientPath(escaped string) (string, bool) {
+	if escaped == "" || escaped[0] != '/' {
+		return "", false
+	}
+	if strings.IndexByte(escaped, '%') < 0 && strings.IndexByte(escaped, '\\') < 0 &&
+		!strings.Contains(escaped, "/.") {
+		return escaped, true // the common case: nothing to decode or check
+	}
+	var b strings.Builder
+	for seg := range strings.SplitSeq(escaped[1:], "/") {
+		d, err := url.PathUnescape(seg)
+		if err != nil || d == "." || d == ".." || strings.ContainsAny(d, "/\\") {
+			return "", false
+		}
+		b.WriteByte('/')
+		b.WriteString(d)
+	}
+	return b.String(), true
 }

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,6 +31,7 @@ type relay struct {
 	metrics  *metrics
 	auth     *clientAuth
 	alerts   *alerter          // hears a model go down; nil: nobody
+	trust    proxyTrust        // whose X-Forwarded-For names the client
 	upstream http.RoundTripper // the real transport to the channels
 	aff      *affinity         // nil when off
 	Now      func() time.Time
@@ -63,6 +65,17 @@ type relayConfig struct {
 	// MaxResponse is the largest non-stream response body relayed; a
 	// larger one is cut off and blamed (see hostile.go). Zero means 256 MiB.
 	MaxResponse int64
+	// BodyTimeout bounds the read of a request body (408 when it passes),
+	// so a client that announces a body and sends it slowly or never
+	// cannot hold its connection. Zero means 60 s.
+	BodyTimeout time.Duration
+}
+
+func (c *relayConfig) bodyWait() time.Duration {
+	if c.BodyTimeout > 0 {
+		return c.BodyTimeout
+	}
+	return 60 * time.Second
 }
 
 func (c *relayConfig) firstByteWait() time.Duration {
@@ -221,6 +234,8 @@ type exchange struct {
 	clientIP  string
 	model     string
 	gemAction string // gemini: the action after the model in the path
+	path      string // the client's path, decoded and checked (see clientPath)
+	secret    string // the client's token as presented, to mask it in what upstreams echo
 	info      bodyInfo
 	buf       *bodyBuf // holds body; released once a response is committed
 	body      []byte   // the request body, dropped once a response is committed
@@ -263,7 +278,7 @@ func exchangeFrom(ctx context.Context) *exchange {
 // handle returns the handler for one protocol's proxied paths.
 func (rl *relay) handle(p protocol) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		x := &exchange{start: rl.Now(), proto: p, served: -1, clientIP: clientIP(r)}
+		x := &exchange{start: rl.Now(), proto: p, served: -1, clientIP: rl.trust.clientIP(r)}
 		x.tries = x.tryBuf[:0]
 		rl.inflight.Add(1)
 		// Deferred so that the row is written even when ReverseProxy aborts
@@ -281,21 +296,46 @@ func (rl *relay) handle(p protocol) http.Handler {
 // frame is not on the stack of a stream that runs for minutes.
 func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool {
 	p := x.proto
+	if msg := rl.auth.openRefusal(r); msg != "" {
+		rl.reject(w, x, http.StatusForbidden, msg)
+		return false
+	}
 	name, ok := rl.auth.identify(r, p)
 	if !ok {
 		rl.reject(w, x, http.StatusUnauthorized, rl.auth.denyMessage(r))
 		return false
 	}
 	x.token = name
+	if !rl.auth.open() {
+		x.secret = presentedToken(r, p)
+	}
+	path, ok := clientPath(r.URL.EscapedPath())
+	if !ok {
+		rl.reject(w, x, http.StatusBadRequest, "the path has a dot segment, an encoded slash or a backslash: ccload does not send such paths upstream")
+		return false
+	}
+	x.path = path
 	x.responses = strings.HasPrefix(r.URL.Path, "/v1/responses")
 	x.aux = strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens")
 
+	// A body that arrives slowly or never must not hold the connection;
+	// the deadline goes once the body is in, since a stream may then run
+	// for minutes with the connection idle.
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(time.Now().Add(rl.bodyWait()))
 	bb, err := readBody(w, r, rl.maxBody())
+	rc.SetReadDeadline(time.Time{})
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			rl.reject(w, x, http.StatusRequestEntityTooLarge,
 				fmt.Sprintf("request body is larger than the %s limit (CCLOAD_MAX_BODY)", formatBytes(tooBig.Limit)))
+			return false
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			w.Header().Set("Connection", "close")
+			rl.reject(w, x, http.StatusRequestTimeout,
+				fmt.Sprintf("the request body did not arrive within %s (CCLOAD_BODY_TIMEOUT)", rl.bodyWait()))
 			return false
 		}
 		if r.Context().Err() != nil || errors.Is(err, io.ErrUnexpectedEOF) {
@@ -371,17 +411,24 @@ func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
 	// A browser on the admin's origin would send the admin session.
 	delete(h, "Cookie")
 	delete(h, "Accept-Encoding")
-	if q := pr.Out.URL.RawQuery; q != "" && strings.Contains(q, "key=") {
+	// Gemini clients may send their token as ?key=; the name is matched
+	// decoded, as presentedToken reads it (?%6Bey= is the same key).
+	if q := pr.Out.URL.RawQuery; q != "" && (strings.Contains(q, "ey") || strings.IndexByte(q, '%') >= 0) {
 		v := pr.Out.URL.Query()
-		v.Del("key")
-		pr.Out.URL.RawQuery = v.Encode()
+		if _, ok := v["key"]; ok {
+			v.Del("key")
+			pr.Out.URL.RawQuery = v.Encode()
+		}
 	}
 }
 
 // prepare points req at channel e with key k and gives it a fresh body.
 func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int) {
 	x.sent = sentBody{body: x.body}
-	path := req.URL.Path
+	path := x.path
+	if path == "" {
+		path = req.URL.Path // a probe's own path
+	}
 	if m := e.upstreamModel(x.model); m != x.model {
 		if x.proto == protoGemini {
 			path = "/v1beta/models/" + m + ":" + x.gemAction
@@ -553,14 +600,15 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	case s >= 200 && s < 300:
 		return rl.accept(ctx, actx, res, x, at)
 	case clientFault(s):
-		// The client's own error: it goes back as is (but for our key),
-		// nothing cools. A body longer than an error document is no echo
-		// of ours and streams on.
+		// The client's own error: it goes back as is (but for our keys and
+		// the client's token, should the upstream echo them), nothing
+		// cools. A body longer than an error document is no echo of ours
+		// and streams on.
 		head, herr := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
 		src := res.Body
 		if herr == nil && len(head) <= maxErrorBody {
 			res.Body.Close()
-			head = redactKeys(head, e.ch.APIKeys)
+			head, _ = x.redact(e, head)
 			res, src = bufferedResponse(res, head), http.NoBody
 		}
 		at.flowing(rl.idleWait())
@@ -574,7 +622,7 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	if rerr != nil && ctx.Err() != nil {
 		return nil, verdict{}, errClientGone
 	}
-	body = redactKeys(body, e.ch.APIKeys)
+	body, _ = x.redact(e, body)
 	ue, isDoc := parseErrorDoc(body)
 	ev := evidence{status: res.StatusCode, apiDoc: isDoc, aux: x.aux, header: res.Header}
 	if isDoc && ue.message != "" {
@@ -710,8 +758,9 @@ func (rl *relay) accept(ctx, actx context.Context, res *http.Response, x *exchan
 // for. The client sees nothing of it unless it is the last answer, and then
 // as a plain error response with the status the error names.
 func (rl *relay) errorIn200(x *exchange, res *http.Response, ue *upstreamError, doc []byte, at *attemptTimer) (*http.Response, verdict, error) {
-	keys := x.tries[len(x.tries)-1].entry.ch.APIKeys
-	doc, ue.message = redactKeys(doc, keys), string(redactKeys([]byte(ue.message), keys))
+	e := x.tries[len(x.tries)-1].entry
+	doc, _ = x.redact(e, doc)
+	ue.message = x.redactText(e, ue.message)
 	v := rl.judge(evidence{status: ue.status, apiDoc: true, aux: x.aux, header: res.Header,
 		reason: "error in a 200 response: " + truncate(ue.message, 160)})
 	synth := bufferedResponse(&http.Response{
@@ -756,8 +805,9 @@ func (rl *relay) settle(x *exchange, end streamEnd) {
 		rl.metrics.streamClosed()
 	}
 	x.usage = end.usage
+	e := x.tries[x.served].entry
 	if end.message != "" && x.errText == "" {
-		x.errText = truncate(end.message, 200)
+		x.errText = truncate(x.redactText(e, end.message), 200)
 	}
 	var ev evidence
 	switch {
@@ -769,9 +819,8 @@ func (rl *relay) settle(x *exchange, end streamEnd) {
 	case end.incomplete:
 		ev = evidence{status: http.StatusBadGateway, reason: "upstream closed the stream before it finished"}
 	case end.lateErr != nil:
-		msg := redactKeys([]byte(end.lateErr.message), x.tries[x.served].entry.ch.APIKeys)
 		ev = evidence{status: end.lateErr.status, apiDoc: true, aux: x.aux,
-			reason: "error event mid-stream: " + truncate(string(msg), 160)}
+			reason: "error event mid-stream: " + truncate(x.redactText(e, end.lateErr.message), 160)}
 	default:
 		return
 	}

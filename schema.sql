@@ -121,6 +121,12 @@ ALTER TABLE logs ADD COLUMN affinity TEXT NOT NULL DEFAULT '';
 ALTER TABLE logs ADD COLUMN cost_usd REAL;
 ALTER TABLE logs ADD COLUMN tries TEXT NOT NULL DEFAULT '';
 
+-- version 3
+-- Sessions are bound to the admin password they were opened under (a
+-- fingerprint of it, never the password): a new password ends them all.
+-- Rows from before have no fingerprint and end too.
+ALTER TABLE sessions ADD COLUMN pass_fp TEXT NOT NULL DEFAULT '';
+
 -- version 5
 -- Several replicas (cluster.go): for each shared config item, the form this
 -- replica last agreed with Redis on (NULL: deleted) and its revision there.

@@ -410,17 +410,39 @@ func (s *Store) SetSetting(ctx context.Context, key, value string) error {
 
 // CreateSession stores a session by the hash of its token.
 func (s *Store) CreateSession(ctx context.Context, tokenHash string, expires time.Time) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO sessions (token_hash, expires) VALUES (?, ?)`, tokenHash, expires.UnixMilli())
+	return s.CreateSessionFor(ctx, tokenHash, "", expires)
+}
+
+// CreateSessionFor stores a session opened under the password with
+// fingerprint passFP.
+func (s *Store) CreateSessionFor(ctx context.Context, tokenHash, passFP string, expires time.Time) error {
+	_, err := s.db.ExecContext(ctx, `INSERT INTO sessions (token_hash, expires, pass_fp) VALUES (?, ?, ?)`,
+		tokenHash, expires.UnixMilli(), passFP)
 	return err
 }
 
 // SessionValid reports whether a session with that hash exists and has not
 // expired.
 func (s *Store) SessionValid(ctx context.Context, tokenHash string) (bool, error) {
+	return s.SessionValidFor(ctx, tokenHash, "")
+}
+
+// SessionValidFor is SessionValid for a session opened under the password
+// with fingerprint passFP: one opened under another password is not.
+func (s *Store) SessionValidFor(ctx context.Context, tokenHash, passFP string) (bool, error) {
 	var n int
-	err := s.rdb.QueryRowContext(ctx, `SELECT count(*) FROM sessions WHERE token_hash = ? AND expires > ?`,
-		tokenHash, s.now()).Scan(&n)
+	err := s.rdb.QueryRowContext(ctx, `SELECT count(*) FROM sessions WHERE token_hash = ? AND pass_fp = ? AND expires > ?`,
+		tokenHash, passFP, s.now()).Scan(&n)
 	return n > 0, err
+}
+
+// DeleteAllSessions ends every session ("log out everywhere").
+func (s *Store) DeleteAllSessions(ctx context.Context) (int64, error) {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM sessions`)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
 }
 
 func (s *Store) DeleteSession(ctx context.Context, tokenHash string) error {

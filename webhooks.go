@@ -579,19 +579,8 @@ func (a *alerter) watch(sel *selector) {
 	}
 	a.redact = func(s string) string {
 		for _, c := range sel.current().all {
-			for _, k := range c.APIKeys {
-				s = redactSecret(s, k)
-			}
+			s = redactString(s, c.APIKeys, "")
 		}
 		return s
 	}
-}
-
-// redactSecret replaces secret in s. Secrets shorter than 8 bytes are left:
-// replacing them would mangle ordinary words and they guard nothing.
-func redactSecret(s, secret string) string {
-	if len(secret) < 8 || !strings.Contains(s, secret) {
-		return s
-	}
-	return strings.ReplaceAll(s, secret, "[redacted]")
 }

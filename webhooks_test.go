@@ -426,7 +426,7 @@ func TestWebhookTestEndpoint(t *testing.T) {
 // key reaches a payload even when the message quotes it.
 func TestWebhookFormats(t *testing.T) {
 	ev := alertEvent{Event: evChannelCooling, ChannelID: 3, ChannelName: "alpha", Message: "401 invalid key sk-live-0123456789"}
-	al := &alerter{names: func(int64) string { return "" }, redact: func(s string) string { return redactSecret(s, "sk-live-0123456789") }}
+	al := &alerter{names: func(int64) string { return "" }, redact: func(s string) string { return redactString(s, []string{"sk-live-0123456789"}, "") }}
 	ev = al.finish(ev)
 	if strings.Contains(ev.Text, "sk-live") || strings.Contains(ev.Message, "sk-live") {
 		t.Fatalf("key in the event: %+v", ev)

@@ -112,6 +112,15 @@ document.getElementById('logout').addEventListener('click', async () => {
   location.hash = '#/login';
 });
 
+document.getElementById('logout-all').addEventListener('click', async () => {
+  try {
+    await api('POST', '/admin/logout-all');
+  } catch (err) {
+    toast(err.message, 'error');
+  }
+  location.hash = '#/login';
+});
+
 window.addEventListener('hashchange', render);
 applyStatic();
 updateLangButton();

@@ -13,6 +13,7 @@ export const messages = {
     'nav.stats': 'Statistics',
     'nav.login': 'Log in',
     'nav.logout': 'Log out',
+    'nav.logoutAll': 'Log out everywhere',
 
     'common.ok': 'OK',
     'common.cancel': 'Cancel',
@@ -250,6 +251,7 @@ export const messages = {
     'nav.stats': '统计',
     'nav.login': '登录',
     'nav.logout': '退出登录',
+    'nav.logoutAll': '全部退出',
 
     'common.ok': '确定',
     'common.cancel': '取消',
