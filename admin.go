@@ -129,26 +129,27 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 // channelView is a channel as the admin API shows it: keys masked, live
 // health attached.
 type channelView struct {
-	ID             int64             `json:"id"`
-	Name           string            `json:"name"`
-	URL            string            `json:"url"`
-	APIKeys        []string          `json:"api_keys"`
-	KeyCount       int               `json:"key_count"`
-	Type           string            `json:"channel_type"`
-	Priority       int               `json:"priority"`
-	Models         []string          `json:"models"`
-	ModelRedirects map[string]string `json:"model_redirects"`
-	KeyStrategy    string            `json:"key_strategy"`
-	Enabled        bool              `json:"enabled"`
-	CreatedAt      time.Time         `json:"created_at"`
-	UpdatedAt      time.Time         `json:"updated_at"`
-	State          healthState       `json:"state"`
+	ID              int64             `json:"id"`
+	Name            string            `json:"name"`
+	URL             string            `json:"url"`
+	APIKeys         []string          `json:"api_keys"`
+	KeyCount        int               `json:"key_count"`
+	Type            string            `json:"channel_type"`
+	Priority        int               `json:"priority"`
+	Models          []string          `json:"models"`
+	ModelRedirects  map[string]string `json:"model_redirects"`
+	KeyStrategy     string            `json:"key_strategy"`
+	Enabled         bool              `json:"enabled"`
+	PriceMultiplier float64           `json:"price_multiplier"`
+	CreatedAt       time.Time         `json:"created_at"`
+	UpdatedAt       time.Time         `json:"updated_at"`
+	State           healthState       `json:"state"`
 }
 
 func (a *admin) view(c Channel) channelView {
 	v := channelView{
 		ID: c.ID, Name: c.Name, URL: c.URL, KeyCount: len(c.APIKeys), Type: c.Type, Priority: c.Priority,
-		Models: nonNil(c.Models), ModelRedirects: c.ModelRedirects, KeyStrategy: c.KeyStrategy,
+		Models: nonNil(c.Models), ModelRedirects: c.ModelRedirects, KeyStrategy: c.KeyStrategy, PriceMultiplier: storedMultiplier(&c),
 		Enabled: c.Enabled, CreatedAt: c.CreatedAt, UpdatedAt: c.UpdatedAt,
 	}
 	if v.ModelRedirects == nil {
@@ -477,6 +478,7 @@ func (a *admin) handleLogs() http.Handler {
 		p := &queryParams{q: r.URL.Query()}
 		f := logFilter{
 			ChannelID: p.int("channel_id", 0, 0, math.MaxInt64),
+			TokenID:   p.int("token_id", 0, 0, math.MaxInt64),
 			Model:     strings.TrimSpace(p.q.Get("model")),
 			Since:     p.time("since"),
 			Until:     p.time("until"),
@@ -543,7 +545,11 @@ func (a *admin) handleStats() http.Handler {
 		if err != nil {
 			return err
 		}
-		writeJSON(w, http.StatusOK, stats{Hours: hours, Since: since, Channels: chs, Models: models})
+		toks, err := a.store.TokenStats(r.Context(), since, a.relay.auth.managed.names())
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, stats{Hours: hours, Since: since, Channels: chs, Models: models, Tokens: toks})
 		return nil
 	})
 }

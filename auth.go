@@ -43,7 +43,8 @@ func clientIP(r *http.Request) string {
 
 // clientAuth checks the proxy's client tokens (CCLOAD_AUTH).
 type clientAuth struct {
-	tokens []clientToken
+	tokens  []clientToken
+	managed *tokenSet // tokens managed in the admin; nil in tests that need none
 }
 
 type clientToken struct {
@@ -73,20 +74,30 @@ func newClientAuth(entries []string) *clientAuth {
 	return a
 }
 
-func (a *clientAuth) open() bool { return len(a.tokens) == 0 }
+func (a *clientAuth) open() bool { return len(a.tokens) == 0 && !a.managed.any() }
 
 // identify returns the client's token name, or ok=false. Without tokens the
 // proxy serves loopback clients only.
 func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
+	name, _, deny := a.identifyClient(r, p, time.Now())
+	return name, deny == ""
+}
+
+// identifyClient returns the client's token name and, for a token managed
+// in the admin, the token; deny is why the client may not pass ("" if it
+// may): a disabled or expired managed token is refused like an unknown one.
+func (a *clientAuth) identifyClient(r *http.Request, p protocol, now time.Time) (name string, mt *managedToken, deny string) {
 	if a.open() {
-		return "local", isLocal(r)
+		if !isLocal(r) {
+			return "", nil, a.denyMessage(r)
+		}
+		return "local", nil, ""
 	}
 	tok := presentedToken(r, p)
 	if tok == "" {
-		return "", false
+		return "", nil, a.denyMessage(r)
 	}
 	d := sha256.Sum256([]byte(tok))
-	name := ""
 	// Compare against every token, always: the time taken says nothing
 	// about which one (if any) matched.
 	for i := range a.tokens {
@@ -94,7 +105,16 @@ func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
 			name = a.tokens[i].name
 		}
 	}
-	return name, name != ""
+	if name != "" {
+		return name, nil, ""
+	}
+	if mt = a.managed.find(d); mt == nil {
+		return "", nil, a.denyMessage(r)
+	}
+	if why := mt.usable(now.UnixNano()); why != "" {
+		return "", nil, why
+	}
+	return mt.rec.Name, mt, ""
 }
 
 func (a *clientAuth) denyMessage(r *http.Request) string {
@@ -102,7 +122,7 @@ func (a *clientAuth) denyMessage(r *http.Request) string {
 		return "this request came through a proxy: set client tokens (CCLOAD_AUTH) to serve anyone but this machine"
 	}
 	if a.open() {
-		return "ccload serves only loopback clients until client tokens are set (CCLOAD_AUTH)"
+		return "ccload serves only loopback clients until client tokens are set (CCLOAD_AUTH, or Tokens in the admin)"
 	}
 	return "missing or invalid client token: send Authorization: Bearer <token> or x-api-key"
 }

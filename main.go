@@ -57,6 +57,7 @@ type config struct {
 	LogDays         int
 	ShutdownTimeout time.Duration
 	LogLevel        slog.Level
+	TZ              *time.Location // CCLOAD_TZ: where token spend days and months begin
 	relayConfig
 }
 
@@ -127,6 +128,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if v := getenv("CCLOAD_LOG_LEVEL"); v != "" {
 		if err := c.LogLevel.UnmarshalText([]byte(strings.TrimSpace(v))); err != nil {
 			errs = append(errs, fmt.Errorf("CCLOAD_LOG_LEVEL=%q: want DEBUG, INFO, WARN or ERROR", v))
+		}
+	}
+	c.TZ = time.UTC
+	if v := strings.TrimSpace(getenv("CCLOAD_TZ")); v != "" {
+		loc, err := time.LoadLocation(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("CCLOAD_TZ=%q: want an IANA time zone such as Asia/Shanghai or UTC", v))
+		} else {
+			c.TZ = loc
 		}
 	}
 	if c.RedisURL != "" && !strings.HasPrefix(c.RedisURL, "redis://") && !strings.HasPrefix(c.RedisURL, "rediss://") {
@@ -248,6 +258,8 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	case "":
 	case "healthcheck":
 		return healthcheck(ctx, cfg)
+	case "token":
+		return tokenCommand(ctx, cfg, fs.Args()[1:], stdout)
 	default:
 		return fmt.Errorf("unknown command %q (try -h)", fs.Arg(0))
 	}
@@ -273,6 +285,8 @@ type app struct {
 	relay   *relay
 	admin   *admin
 	mirror  *redisMirror
+	tokens  *tokenSet
+	prices  *prices
 	handler http.Handler
 
 	bgCancel context.CancelFunc
@@ -326,9 +340,20 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		slog.Info("restored cooldowns", "scopes", n)
 	}
 
+	if cfg.TZ != nil {
+		store.TZ = cfg.TZ
+	}
 	a.logs = newLogWriter(store, logQueueSize)
 	auth := newClientAuth(cfg.AuthTokens)
+	if auth.managed, err = newTokenSet(ctx, store, store.TZ, auth.tokens); err != nil {
+		return fail(err)
+	}
+	a.tokens = auth.managed
+	if a.prices, err = loadPrices(ctx, store); err != nil {
+		return fail(err)
+	}
 	a.relay = newRelay(cfg.relayConfig, a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
+	a.relay.prices = a.prices
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,
 		limiter: newLoginLimiter(time.Now), now: time.Now}
 	if a.mirror != nil {
@@ -347,9 +372,10 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	a.bgCancel, a.bgDone = cancel, make(chan struct{})
 	go func() {
 		defer close(a.bgDone)
-		done := make(chan struct{}, 3)
+		done := make(chan struct{}, 4)
 		go func() { a.cool.persistLoop(bg, store); done <- struct{}{} }()
-		n := 1
+		go func() { a.tokens.watch(bg, time.Second); done <- struct{}{} }()
+		n := 2
 		if cfg.LogDays > 0 {
 			n++
 			go func() { retentionLoop(bg, store, cfg.LogDays, nil); done <- struct{}{} }()
@@ -362,7 +388,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 			<-done
 		}
 	}()
-	if len(cfg.AuthTokens) == 0 {
+	if len(cfg.AuthTokens) == 0 && !a.tokens.any() {
 		slog.Warn("no client tokens (CCLOAD_AUTH): the proxy serves loopback clients only")
 	}
 	return a, nil
@@ -409,6 +435,13 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("GET /admin/logs", ad.handleLogs())
 	admin("GET /admin/stats", ad.handleStats())
 	admin("GET /admin/trends", ad.handleTrends())
+	admin("GET /admin/tokens", a.tokens.handleList())
+	admin("POST /admin/tokens", a.tokens.handleCreate())
+	admin("GET /admin/tokens/{id}", a.tokens.handleGet())
+	admin("PUT /admin/tokens/{id}", a.tokens.handleUpdate())
+	admin("DELETE /admin/tokens/{id}", a.tokens.handleDelete())
+	admin("GET /admin/prices", a.prices.handleGet())
+	admin("PUT /admin/prices", a.prices.handlePut())
 	admin("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such admin endpoint: " + r.Method + " " + r.URL.Path})
 	}))

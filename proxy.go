@@ -28,6 +28,7 @@ type relay struct {
 	logs     *logWriter
 	metrics  *metrics
 	auth     *clientAuth
+	prices   *prices           // nil: nothing is priced
 	upstream http.RoundTripper // the real transport to the channels
 	Now      func() time.Time
 
@@ -191,6 +192,8 @@ type exchange struct {
 	probe     bool // an admin's channel test: failures cool nothing
 	stream    bool
 	token     string
+	client    *managedToken // the managed token it came with; nil for CCLOAD_AUTH or open mode
+	holds     bool          // client's concurrency slot is taken (see settleToken)
 	clientIP  string
 	model     string
 	gemAction string // gemini: the action after the model in the path
@@ -253,12 +256,12 @@ func (rl *relay) handle(p protocol) http.Handler {
 // frame is not on the stack of a stream that runs for minutes.
 func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool {
 	p := x.proto
-	name, ok := rl.auth.identify(r, p)
-	if !ok {
-		rl.reject(w, x, http.StatusUnauthorized, rl.auth.denyMessage(r))
+	name, mt, deny := rl.auth.identifyClient(r, p, rl.Now())
+	if deny != "" {
+		rl.reject(w, x, http.StatusUnauthorized, deny)
 		return false
 	}
-	x.token = name
+	x.token, x.client = name, mt
 	x.responses = strings.HasPrefix(r.URL.Path, "/v1/responses")
 	x.aux = strings.HasSuffix(r.URL.Path, "/count_tokens") || strings.HasSuffix(r.URL.Path, ":countTokens")
 
@@ -315,13 +318,17 @@ func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool
 		return false
 	}
 
+	if !rl.admitToken(x, w) {
+		return false
+	}
+
 	rt := rl.sel.current().route(p, x.model)
 	if rt == nil {
 		rl.reject(w, x, http.StatusNotFound, fmt.Sprintf("no enabled %s channel serves model %q", p, x.model))
 		return false
 	}
 	x.plan = rt.makePlan(x.model, rl.Now().UnixNano(), x.planBuf[:0])
-	return true
+	return rl.restrictPlan(x, w)
 }
 
 // reject answers a request that never reached an upstream.
@@ -764,6 +771,7 @@ func readSome(r io.Reader, p []byte) (int, error) {
 // finish writes the log row and the metrics of one request.
 func (rl *relay) finish(x *exchange) {
 	defer rl.inflight.Done()
+	defer x.releaseToken()
 	x.dropBody()
 	if x.logged {
 		return
@@ -798,6 +806,7 @@ func (rl *relay) finish(x *exchange) {
 		e.UpstreamModel = t.entry.upstreamModel(x.model)
 	}
 	e.trace = encodeTrace(x.tries, x.status, dur)
+	rl.settleToken(x, &e)
 	rl.metrics.request(&e, dur)
 	rl.logs.add(e)
 }
