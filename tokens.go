@@ -362,12 +362,15 @@ func (c *tokenCounters) view(now time.Time, loc *time.Location) tokenUsage {
 	return u
 }
 
-// formatUSD shows pico-dollars as dollars, to the cent or finer.
+// formatUSD shows pico-dollars as dollars, exactly, with at least cents.
 func formatUSD(pico int64) string {
-	s := strconv.FormatFloat(usd(pico), 'f', 6, 64)
-	s = strings.TrimRight(s, "0")
-	if i := strings.IndexByte(s, '.'); i >= 0 && len(s)-i < 3 {
-		s += strings.Repeat("0", 3-(len(s)-i))
+	s := strconv.FormatFloat(usd(pico), 'f', -1, 64)
+	i := strings.IndexByte(s, '.')
+	switch {
+	case i < 0:
+		s += ".00"
+	case len(s)-i < 3:
+		s += "0"
 	}
 	return s
 }
