@@ -441,6 +441,7 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("PUT /admin/tokens/{id}", a.tokens.handleUpdate())
 	admin("DELETE /admin/tokens/{id}", a.tokens.handleDelete())
 	admin("GET /admin/prices", a.prices.handleGet())
+	admin("GET /admin/spend", handleSpend(a.store, time.Now))
 	admin("PUT /admin/prices", a.prices.handlePut())
 	admin("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such admin endpoint: " + r.Method + " " + r.URL.Path})

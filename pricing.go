@@ -279,3 +279,34 @@ func defaultPrices() priceTable {
 		p("gpt-5-pro", 15, 120, 0, 0, 15),
 	}}
 }
+
+// spendSince sums the cost of the rollup hours from since.
+func (s *Store) spendSince(ctx context.Context, since time.Time) (int64, error) {
+	var pico int64
+	err := s.rdb.QueryRowContext(ctx, `SELECT coalesce(sum(cost_pico), 0) FROM log_hourly WHERE hour >= ?`,
+		hourOf(since)).Scan(&pico)
+	if err != nil {
+		return 0, fmt.Errorf("spend: %w", err)
+	}
+	return pico, nil
+}
+
+// handleSpend is the dashboard's spend today and this month, over every
+// request, in CCLOAD_TZ. Rollups are by UTC hour, so in a zone whose offset
+// is not whole hours the day starts at the hour its midnight falls in.
+func handleSpend(s *Store, now func() time.Time) http.Handler {
+	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
+		local := now().In(s.TZ)
+		y, m, d := local.Date()
+		today, err := s.spendSince(r.Context(), time.Date(y, m, d, 0, 0, 0, 0, s.TZ))
+		if err != nil {
+			return err
+		}
+		month, err := s.spendSince(r.Context(), time.Date(y, m, 1, 0, 0, 0, 0, s.TZ))
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"today_usd": usd(today), "month_usd": usd(month), "tz": s.TZ.String()})
+		return nil
+	})
+}

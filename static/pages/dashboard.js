@@ -3,7 +3,7 @@
 
 import { t } from '../i18n.js';
 import { get } from '../api.js';
-import { h, fmtNum, fmtCompact, fmtPct, fmtMs, fmtAgo, fmtTime, countdown, statusBadge, channelStatus, table, errorBox, showError } from '../ui.js';
+import { h, fmtNum, fmtCompact, fmtPct, fmtMs, fmtUSD, fmtAgo, fmtTime, countdown, statusBadge, channelStatus, table, errorBox, showError } from '../ui.js';
 import { barChart, legend } from '../chart.js';
 
 const REFRESH_MS = 15000;
@@ -15,6 +15,7 @@ export function render(root, ctx) {
   const cards = h('div', { class: 'cards', id: 'summary-cards' });
   const reqChart = h('div', { class: 'chart-slot', id: 'trend-chart' });
   const tokChart = h('div', { class: 'chart-slot', id: 'token-chart' });
+  const costChart = h('div', { class: 'chart-slot', id: 'cost-chart' });
   const health = h('div', { id: 'health' });
   const redis = h('p', { class: 'redis-line', id: 'redis-status' });
   const sortState = { key: 'priority', dir: 'desc' };
@@ -29,6 +30,7 @@ export function render(root, ctx) {
     { key: 'input_tokens', label: t('dash.inputTokens'), class: 's-in' },
     { key: 'output_tokens', label: t('dash.outputTokens'), class: 's-out' },
   ];
+  const costSeries = [{ key: 'cost_usd', label: t('dash.cost'), class: 's-in' }];
 
   root.append(
     h('div', { class: 'page-head' }, h('h1', {}, t('nav.dashboard')), h('div', { class: 'head-tools' }, updated, refreshBtn)),
@@ -38,7 +40,9 @@ export function render(root, ctx) {
       h('section', { class: 'card', 'aria-labelledby': 'trend-h' },
         h('div', { class: 'section-head' }, h('h2', { id: 'trend-h' }, t('dash.traffic24')), legend(reqSeries)), reqChart),
       h('section', { class: 'card', 'aria-labelledby': 'tok-h' },
-        h('div', { class: 'section-head' }, h('h2', { id: 'tok-h' }, t('dash.tokens24')), legend(tokSeries)), tokChart)),
+        h('div', { class: 'section-head' }, h('h2', { id: 'tok-h' }, t('dash.tokens24')), legend(tokSeries)), tokChart),
+      h('section', { class: 'card', 'aria-labelledby': 'cost-h' },
+        h('div', { class: 'section-head' }, h('h2', { id: 'cost-h' }, t('dash.cost24'))), costChart)),
     h('section', { class: 'card', 'aria-labelledby': 'health-h' },
       h('div', { class: 'section-head' }, h('h2', { id: 'health-h' }, t('dash.health')),
         h('a', { href: '#/channels', class: 'small' }, t('dash.manage'))),
@@ -51,8 +55,10 @@ export function render(root, ctx) {
       h('div', { class: 'stat-value' }, value), sub ? h('div', { class: 'stat-sub' }, sub) : null);
   }
 
-  function drawSummary(s) {
+  function drawSummary(s, spend) {
     cards.replaceChildren(
+      card(t('dash.spendToday'), h('span', { id: 'spend-today' }, fmtUSD(spend.today_usd))),
+      card(t('dash.spendMonth'), h('span', { id: 'spend-month' }, fmtUSD(spend.month_usd)), spend.tz),
       card(t('dash.requests24'), h('span', { title: fmtNum(s.requests) }, fmtCompact(s.requests))),
       card(t('dash.successRate'), fmtPct(s.success_rate, s.requests),
         s.requests ? t('dash.okOf', { ok: fmtNum(s.success), n: fmtNum(s.requests) }) : null,
@@ -76,6 +82,10 @@ export function render(root, ctx) {
     stops.push(barChart(tokChart, {
       buckets: tr.buckets, series: tokSeries, title: t('dash.tokens24'),
       label: (b) => `${range(b)}\n${t('dash.tipTokens', { i: fmtNum(b.input_tokens), o: fmtNum(b.output_tokens) })}`,
+    }));
+    stops.push(barChart(costChart, {
+      buckets: tr.buckets, series: costSeries, title: t('dash.cost24'),
+      label: (b) => `${range(b)}\n${fmtUSD(b.cost_usd || 0)}`,
     }));
   }
 
@@ -147,11 +157,12 @@ export function render(root, ctx) {
     refreshBtn.disabled = true;
     try {
       const opts = { signal: ctx.signal };
-      const [s, tr, chs, r] = await Promise.all([
+      const [s, tr, chs, r, spend] = await Promise.all([
         get('/admin/summary', opts), get('/admin/trends?hours=24', opts), get('/admin/channels', opts), get('/admin/redis', opts),
+        get('/admin/spend', opts),
       ]);
       if (ctx.signal.aborted) return;
-      drawSummary(s);
+      drawSummary(s, spend);
       drawTrends(tr);
       drawHealth(chs);
       drawRedis(r);
