@@ -523,16 +523,17 @@ func (a *admin) handleLogs() http.Handler {
 	})
 }
 
-// hoursParam reads ?hours= (default 24).
-func hoursParam(r *http.Request) (int, error) {
+// hoursParam reads ?hours= (default 24) and ?token_id= (0: every request).
+func hoursParam(r *http.Request) (hours int, tokenID int64, err error) {
 	p := &queryParams{q: r.URL.Query()}
-	hours := int(p.int("hours", 24, 1, maxStatsHours))
-	return hours, p.err()
+	hours = int(p.int("hours", 24, 1, maxStatsHours))
+	tokenID = p.int("token_id", 0, 0, math.MaxInt64)
+	return hours, tokenID, p.err()
 }
 
 func (a *admin) handleStats() http.Handler {
 	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
-		hours, err := hoursParam(r)
+		hours, tokenID, err := hoursParam(r)
 		if err != nil {
 			return err
 		}
@@ -542,6 +543,9 @@ func (a *admin) handleStats() http.Handler {
 		}
 		since := windowStart(a.now(), hours)
 		chs, models, err := a.store.Stats(r.Context(), since, names)
+		if tokenID != 0 {
+			chs, models, err = a.store.StatsForToken(r.Context(), since, tokenID, names)
+		}
 		if err != nil {
 			return err
 		}
@@ -556,11 +560,14 @@ func (a *admin) handleStats() http.Handler {
 
 func (a *admin) handleTrends() http.Handler {
 	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
-		hours, err := hoursParam(r)
+		hours, tokenID, err := hoursParam(r)
 		if err != nil {
 			return err
 		}
 		b, err := a.store.Trends(r.Context(), a.now(), hours)
+		if tokenID != 0 {
+			b, err = a.store.TrendsForToken(r.Context(), a.now(), hours, tokenID)
+		}
 		if err != nil {
 			return err
 		}

@@ -163,6 +163,7 @@ CREATE TABLE token_hourly (
 	token              TEXT NOT NULL, -- name as last logged
 	requests           INTEGER NOT NULL,
 	ok                 INTEGER NOT NULL,
+	duration_ms        INTEGER NOT NULL, -- sum
 	input_tokens       INTEGER NOT NULL,
 	output_tokens      INTEGER NOT NULL,
 	cache_read_tokens  INTEGER NOT NULL,

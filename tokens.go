@@ -985,16 +985,17 @@ func (s *Store) writeTokenRollups(ctx context.Context, tx *sql.Tx, entries []log
 	}
 	for _, k := range keys {
 		g := groups[k]
-		if _, err := tx.ExecContext(ctx, `INSERT INTO token_hourly (hour, token_id, token, requests, ok, input_tokens,
-			output_tokens, cache_read_tokens, cache_write_tokens, cost_pico, unpriced)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		if _, err := tx.ExecContext(ctx, `INSERT INTO token_hourly (hour, token_id, token, requests, ok, duration_ms,
+			input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_pico, unpriced)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 			ON CONFLICT (hour, token_id) DO UPDATE SET token = excluded.token, requests = requests + excluded.requests,
-			ok = ok + excluded.ok, input_tokens = input_tokens + excluded.input_tokens,
+			ok = ok + excluded.ok, duration_ms = duration_ms + excluded.duration_ms,
+			input_tokens = input_tokens + excluded.input_tokens,
 			output_tokens = output_tokens + excluded.output_tokens,
 			cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
 			cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,
 			cost_pico = cost_pico + excluded.cost_pico, unpriced = unpriced + excluded.unpriced`,
-			k.hour, k.id, g.name, g.requests, g.ok, g.in, g.out, g.cacheRead, g.cacheWri, g.cost, g.unpriced); err != nil {
+			k.hour, k.id, g.name, g.requests, g.ok, g.dur, g.in, g.out, g.cacheRead, g.cacheWri, g.cost, g.unpriced); err != nil {
 			return fmt.Errorf("write token rollup: %w", err)
 		}
 	}
@@ -1003,7 +1004,7 @@ func (s *Store) writeTokenRollups(ctx context.Context, tx *sql.Tx, entries []log
 
 // TokenStats sums the token rollups from since, one row per token.
 func (s *Store) TokenStats(ctx context.Context, since time.Time, names map[int64]string) ([]statsRow, error) {
-	rows, err := s.rdb.QueryContext(ctx, `SELECT token_id, max(token), sum(requests), sum(ok), sum(input_tokens),
+	rows, err := s.rdb.QueryContext(ctx, `SELECT token_id, max(token), sum(requests), sum(ok), sum(duration_ms), sum(input_tokens),
 		sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_pico), sum(unpriced)
 		FROM token_hourly WHERE hour >= ? GROUP BY token_id ORDER BY sum(requests) DESC, token_id`, since.UnixMilli())
 	if err != nil {
@@ -1017,7 +1018,7 @@ func (s *Store) TokenStats(ctx context.Context, since time.Time, names map[int64
 			name string
 			g    rollup
 		)
-		if err := rows.Scan(&id, &name, &g.requests, &g.ok, &g.in, &g.out, &g.cacheRead, &g.cacheWri, &g.cost, &g.unpriced); err != nil {
+		if err := rows.Scan(&id, &name, &g.requests, &g.ok, &g.dur, &g.in, &g.out, &g.cacheRead, &g.cacheWri, &g.cost, &g.unpriced); err != nil {
 			return nil, err
 		}
 		if n, ok := names[id]; ok {
@@ -1156,4 +1157,112 @@ func tokenCommand(ctx context.Context, cfg config, args []string, stdout io.Writ
 	}
 	fmt.Fprintf(stdout, "%s\n", v.Token)
 	return nil
+}
+
+// StatsForToken is Stats for one token's requests: by channel and by
+// model, summed from its log rows (the rollups are not by token), so it
+// costs in proportion to that token's traffic in the window.
+func (s *Store) StatsForToken(ctx context.Context, since time.Time, tokenID int64, names map[int64]string) ([]statsRow, []statsRow, error) {
+	rows, err := s.rdb.QueryContext(ctx, `SELECT channel_id, channel_name, model, status, duration_ms, first_byte_ms,
+		input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+		FROM logs WHERE token_id = ? AND time >= ?`, tokenID, since.UnixMilli())
+	if err != nil {
+		return nil, nil, fmt.Errorf("token stats: %w", err)
+	}
+	defer rows.Close()
+	byChannel := map[int64]*statsRow{}
+	byModel := map[string]*statsRow{}
+	for rows.Next() {
+		var e logEntry
+		var cost sql.NullFloat64
+		if err := rows.Scan(&e.ChannelID, &e.ChannelName, &e.Model, &e.Status, &e.DurationMS, &e.FirstByteMS,
+			&e.InputTokens, &e.OutputTokens, &e.CacheRead, &e.CacheWrite, &cost); err != nil {
+			return nil, nil, err
+		}
+		if cost.Valid {
+			// Stored as pico/1e12: the round trip through float64 is exact.
+			e.costPico, e.priced = int64(math.Round(cost.Float64*picoPerUSD)), true
+		}
+		c := byChannel[e.ChannelID]
+		if c == nil {
+			id, name := e.ChannelID, e.ChannelName
+			if n, ok := names[id]; ok {
+				name = n
+			}
+			c = &statsRow{ChannelID: &id, ChannelName: &name}
+			byChannel[id] = c
+		}
+		c.sum.addEntry(&e)
+		m := byModel[e.Model]
+		if m == nil {
+			name := e.Model
+			m = &statsRow{Model: &name}
+			byModel[name] = m
+		}
+		m.sum.addEntry(&e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, err
+	}
+	collect := func(rs []*statsRow) []statsRow {
+		out := make([]statsRow, 0, len(rs))
+		for _, r := range rs {
+			r.finish()
+			out = append(out, *r)
+		}
+		slices.SortFunc(out, func(a, b statsRow) int {
+			if a.Requests != b.Requests {
+				return int(b.Requests - a.Requests)
+			}
+			return strings.Compare(a.sortKey(), b.sortKey())
+		})
+		return out
+	}
+	chs := make([]*statsRow, 0, len(byChannel))
+	for _, r := range byChannel {
+		chs = append(chs, r)
+	}
+	ms := make([]*statsRow, 0, len(byModel))
+	for _, r := range byModel {
+		ms = append(ms, r)
+	}
+	return collect(chs), collect(ms), nil
+}
+
+// TrendsForToken is Trends for one token, from its hourly rollups.
+func (s *Store) TrendsForToken(ctx context.Context, now time.Time, hours int, tokenID int64) ([]trendBucket, error) {
+	first := windowStart(now, hours)
+	buckets := make([]trendBucket, hours)
+	for i := range buckets {
+		buckets[i].Start = first.Add(time.Duration(i) * time.Hour)
+	}
+	rows, err := s.rdb.QueryContext(ctx, `SELECT (hour - ?) / 3600000, requests, ok, duration_ms, input_tokens,
+		output_tokens, cost_pico FROM token_hourly WHERE token_id = ? AND hour >= ?`,
+		first.UnixMilli(), tokenID, first.UnixMilli())
+	if err != nil {
+		return nil, fmt.Errorf("token trends: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var h, n, ok, dur, in, out, cost int64
+		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out, &cost); err != nil {
+			return nil, err
+		}
+		if h < 0 || h >= int64(hours) {
+			continue
+		}
+		b := &buckets[h]
+		b.Requests, b.Success, b.durSum, b.InputTokens, b.OutputTokens, b.CostUSD = n, ok, dur, in, out, usd(cost)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	for i := range buckets {
+		b := &buckets[i]
+		b.Errors = b.Requests - b.Success
+		if b.Requests > 0 {
+			b.AvgMS = float64(b.durSum) / float64(b.Requests)
+		}
+	}
+	return buckets, nil
 }

@@ -427,7 +427,34 @@ func TestCostLoggedExactly(t *testing.T) {
 	if fmt.Sprintf("%.9f", sum) != "0.001025000" {
 		t.Errorf("model stats cost %v; want 0.001025", sum)
 	}
-	// Filter by token.
+	// Another token's traffic stays out of alice's figures.
+	bob := e.createToken(s, `{"name":"bob"}`)
+	e.call(protoAnthropic, "claude-sonnet-4-5", bob.Token)
+	e.settle()
+	var mine stats
+	_, b = e.admin(s, "GET", fmt.Sprintf("/admin/stats?token_id=%d", v.ID), "")
+	json.Unmarshal(b, &mine)
+	var n int64
+	var cost float64
+	for _, c := range mine.Channels {
+		n += c.Requests
+		cost += c.CostUSD
+	}
+	if n != 4 || fmt.Sprintf("%.9f", cost) != "0.001025000" || len(mine.Models) != 4 {
+		t.Errorf("stats?token_id: %d requests, $%v over %d models; want alice's 4, $0.001025, 4 models: %s", n, cost, len(mine.Models), b)
+	}
+	var tr struct{ Buckets []trendBucket }
+	_, b = e.admin(s, "GET", fmt.Sprintf("/admin/trends?hours=2&token_id=%d", v.ID), "")
+	json.Unmarshal(b, &tr)
+	n, cost = 0, 0
+	for _, bk := range tr.Buckets {
+		n += bk.Requests
+		cost += bk.CostUSD
+	}
+	if n != 4 || fmt.Sprintf("%.9f", cost) != "0.001025000" {
+		t.Errorf("trends?token_id: %d requests, $%v; want 4, $0.001025: %s", n, cost, b)
+	}
+	// Filter the log by token.
 	_, b = e.admin(s, "GET", fmt.Sprintf("/admin/logs?token_id=%d", v.ID), "")
 	var page struct{ Total int }
 	json.Unmarshal(b, &page)
