@@ -616,3 +616,76 @@ func TestTokenCountersRace(t *testing.T) {
 		t.Errorf("%+v", u)
 	}
 }
+
+// loadBenchTokens gives e what a busy team's relay holds: 1,000 managed
+// tokens, every one with every limit, and a price table of 100 models. The
+// benchmark's clients send "client-token", which becomes one of them, so
+// each request takes the whole managed path: lookup, limits, slot, price,
+// charge.
+func loadBenchTokens(tb testing.TB, e *testEnv) {
+	tb.Helper()
+	ctx := context.Background()
+	ts := e.app.tokens
+	err := ts.change(ctx, func() error {
+		for i := range 1000 {
+			secret := newTokenSecret()
+			if i == 0 {
+				secret = "client-token"
+			}
+			big, conc, rpm := 1e6, int64(10_000), int64(1_000_000)
+			rec := tokenRecord{Name: fmt.Sprintf("bench-%04d", i), Enabled: true, hash: tokenHash(secret), Hint: maskKey(secret),
+				Limits: tokenLimits{DailyUSD: &big, MonthlyUSD: &big, TotalUSD: &big, Concurrency: &conc, RPM: &rpm}}
+			if err := e.app.store.createToken(ctx, &rec); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	table := defaultPrices()
+	for i := len(table.Prices); i < 100; i++ {
+		table.Prices = append(table.Prices, defaultPrices().Prices[i%10])
+		table.Prices[i].Model = fmt.Sprintf("bench-model-%03d", i)
+	}
+	if _, err := e.app.prices.replace(ctx, table); err != nil {
+		tb.Fatal(err)
+	}
+	if n := len(ts.current().list); n != 1000 {
+		tb.Fatalf("%d tokens loaded; want 1000", n)
+	}
+}
+
+// BenchmarkManagedTokenPath is what a managed token adds to one request,
+// with 1,000 tokens and 100 priced models loaded: identify, limits and
+// slot, price, charge, release. Run in parallel it also shows the cost of
+// every request hitting the same token's mutex.
+func BenchmarkManagedTokenPath(b *testing.B) {
+	e := newTestEnv(b)
+	loadBenchTokens(b, e)
+	rl := e.app.relay
+	u := usage{Input: 1200, Output: 340, CacheRead: 50_000, CacheWrite: 2_000, CacheWrite1h: 500}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		req := httptest.NewRequest("POST", "/v1/messages", nil)
+		req.Header.Set("X-Api-Key", "client-token")
+		for pb.Next() {
+			_, mt, deny := rl.auth.identifyClient(req, protoAnthropic, time.Now())
+			if deny != "" {
+				b.Fatal(deny)
+			}
+			x := &exchange{start: time.Now(), client: mt, model: "claude-sonnet-4-5-20250929", usage: u, served: -1}
+			if !rl.admitToken(x, nil) {
+				b.Fatal("refused")
+			}
+			var le logEntry
+			rl.settleToken(x, &le)
+			x.releaseToken()
+			if !le.priced {
+				b.Fatal("not priced")
+			}
+		}
+	})
+}
