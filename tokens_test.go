@@ -689,3 +689,40 @@ func BenchmarkManagedTokenPath(b *testing.B) {
 		}
 	})
 }
+
+func TestTokenCLI(t *testing.T) {
+	cfg := testConfig(t)
+	env := map[string]string{"SQLITE_PATH": cfg.SQLitePath, "CCLOAD_PASS": testAdminPass}
+	lookup := func(k string) (string, bool) { v, ok := env[k]; return v, ok }
+	var out strings.Builder
+	args := []string{"-env", "/nonexistent", "token", "create", "ci-runner", "--models", "claude-haiku-4-5,claude-sonnet-4-5", "--daily-usd", "3", "--rpm", "30"}
+	if err := run(context.Background(), args, lookup, &out, &out); err != nil {
+		t.Fatalf("token create: %v (%s)", err, out.String())
+	}
+	secret := strings.TrimSpace(out.String())
+	if !strings.HasPrefix(secret, "sk-ccl-") {
+		t.Fatalf("printed %q; want the new token", secret)
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"-env", "/nonexistent", "token", "create", "bad", "--rpm", "-1"}, lookup, &out, &out); err == nil ||
+		!strings.Contains(err.Error(), "limits.rpm") {
+		t.Errorf("a negative rpm: %v; want the limit named", err)
+	}
+	// A server on that database knows it, with its limits.
+	e := startEnv(t, cfg)
+	up := newFakeUpstream(t, "a")
+	e.addChannel(Channel{Name: "a", URL: up.URL})
+	if r, b := e.call(protoAnthropic, "claude-haiku-4-5", secret); r.StatusCode != 200 {
+		t.Errorf("the CLI's token: %d %s", r.StatusCode, b)
+	}
+	if r, _ := e.call(protoAnthropic, "claude-opus-4-1", secret); r.StatusCode != 403 {
+		t.Errorf("a model outside --models: %d; want 403", r.StatusCode)
+	}
+	_, list := e.admin(e.login(), "GET", "/admin/tokens", "")
+	var views []tokenView
+	json.Unmarshal(list, &views)
+	if len(views) != 1 || views[0].Name != "ci-runner" || views[0].Limits.DailyUSD == nil || *views[0].Limits.DailyUSD != 3 ||
+		views[0].Limits.RPM == nil || *views[0].Limits.RPM != 30 {
+		t.Errorf("tokens %s", list)
+	}
+}
