@@ -110,3 +110,34 @@ func TestCompilePricesRefusesBadTables(t *testing.T) {
 		}
 	}
 }
+
+func TestPriceMultiplierInCSVAndAPI(t *testing.T) {
+	e := newTestEnv(t)
+	s := e.login()
+	csvBody := "名称,地址,密钥,倍率\r\nresold,https://r.example.com,sk-r-1,0.3\r\nlist,https://l.example.com,sk-l-1,\r\n"
+	resp, b := e.do("POST", "/admin/channels/import", csvBody, map[string]string{"Authorization": "Bearer " + s, "Content-Type": "text/csv"})
+	if resp.StatusCode != 200 {
+		t.Fatalf("import: %d %s", resp.StatusCode, b)
+	}
+	got := map[string]float64{}
+	chs, _ := e.app.store.ListChannels(t.Context())
+	for _, c := range chs {
+		got[c.Name] = c.PriceMultiplier
+	}
+	if got["resold"] != 0.3 || got["list"] != 1 {
+		t.Errorf("multipliers %v; want resold 0.3, list 1", got)
+	}
+	bad := "name,url,api_key,price_multiplier\r\nx,https://x.example.com,sk-x,cheap\r\n"
+	resp, b = e.do("POST", "/admin/channels/import", bad, map[string]string{"Authorization": "Bearer " + s, "Content-Type": "text/csv"})
+	if resp.StatusCode != 400 || !strings.Contains(string(b), "price_multiplier") || !strings.Contains(string(b), `"line":2`) {
+		t.Errorf("a bad multiplier: %d %s; want 400 naming line 2 and the column", resp.StatusCode, b)
+	}
+	for _, body := range []string{`{"price_multiplier": -1}`, `{"price_multiplier": 0}`, `{"price_multiplier": "x"}`} {
+		if st, b := e.admin(s, "PUT", "/admin/channels/1", body); st != 400 || !strings.Contains(string(b), "price_multiplier") {
+			t.Errorf("PUT %s: %d %s; want 400", body, st, b)
+		}
+	}
+	if st, b := e.admin(s, "PUT", "/admin/channels/1", `{"price_multiplier": 0.5}`); st != 200 || !strings.Contains(string(b), `"price_multiplier":0.5`) {
+		t.Errorf("PUT 0.5: %d %s", st, b)
+	}
+}

@@ -107,6 +107,17 @@ func testBrowserTokens(t *testing.T, bctx context.Context, lang string) {
 		t.Errorf("after disabling in the page: %d; want 401", r.StatusCode)
 	}
 
+	// Statistics filtered by the token: its request, its cost.
+	id := eval[string](b, `document.querySelector('`+row+`').dataset.id`)
+	b.route("#/stats?token_id="+id, `#stats-token-table tr[data-token="`+id+`"]`)
+	b.waitJS("the token filter chosen", `document.querySelector('#stats-token').value === '`+id+`'`)
+	if got := b.text(`#stats-channel-table tr[data-channel] td:nth-child(2)`); got != "1" {
+		t.Errorf("requests of the token on its channel: %q; want 1", got)
+	}
+	if got := b.text("#stats-totals"); !strings.Contains(got, "$0.000574") {
+		t.Errorf("stats totals %q; want the token's cost $0.000574", got)
+	}
+
 	// Prices: edit one and save; the API has it.
 	b.route("#/prices", "#prices-table")
 	if got := b.text("h1"); got != want["prices"] {

@@ -228,6 +228,7 @@ export const messages = {
     'stats.byToken': 'By client token',
     'stats.noTokens': 'No requests with a managed token in this period.',
     'stats.token': 'Token',
+    'stats.allTokens': 'All client tokens',
 
     'tok.add': 'New token',
     'tok.intro': 'One token per person or machine: switch one off, cap its spend, see what it costs. Changes apply to the next request.',
@@ -511,6 +512,7 @@ export const messages = {
     'stats.byToken': '按客户端令牌',
     'stats.noTokens': '这段时间没有使用受管令牌的请求。',
     'stats.token': '令牌',
+    'stats.allTokens': '全部客户端令牌',
 
     'tok.add': '新建令牌',
     'tok.intro': '每人或每台机器一个令牌：可单独停用、限制花费、查看费用。修改对下一个请求生效。',

@@ -12,7 +12,10 @@ export function render(root, ctx) {
   const err = errorBox();
   const windowSel = h('select', { id: 'stats-hours', 'aria-label': t('stats.window') },
     [...new Set([...WINDOWS, hours])].sort((a, b) => a - b).map((n) => h('option', { value: String(n), selected: n === hours }, windowLabel(n))));
-  windowSel.addEventListener('change', () => ctx.navigate('stats', { hours: windowSel.value }));
+  const tokenID = ctx.params.get('token_id') || '';
+  const tokenSel = h('select', { id: 'stats-token', 'aria-label': t('stats.token') }, h('option', { value: '' }, t('stats.allTokens')));
+  windowSel.addEventListener('change', () => ctx.navigate('stats', { hours: windowSel.value, token_id: tokenSel.value }));
+  tokenSel.addEventListener('change', () => ctx.navigate('stats', { hours: windowSel.value, token_id: tokenSel.value }));
   const totals = h('div', { class: 'cards', id: 'stats-totals' });
   const byChannel = h('div', { id: 'stats-channels' }, spinner());
   const byModel = h('div', { id: 'stats-models' }, spinner());
@@ -23,7 +26,7 @@ export function render(root, ctx) {
 
   root.append(
     h('div', { class: 'page-head' }, h('h1', {}, t('nav.stats')),
-      h('div', { class: 'head-tools' }, h('label', { for: 'stats-hours', class: 'muted small' }, t('stats.window')), windowSel)),
+      h('div', { class: 'head-tools' }, tokenSel, h('label', { for: 'stats-hours', class: 'muted small' }, t('stats.window')), windowSel)),
     err,
     totals,
     h('section', { class: 'card flush', 'aria-labelledby': 'sc-h' }, h('div', { class: 'section-head pad' }, h('h2', { id: 'sc-h' }, t('stats.byChannel'))), byChannel),
@@ -72,8 +75,13 @@ export function render(root, ctx) {
 
   async function load() {
     try {
-      const s = await get(`/admin/stats?hours=${hours}`, { signal: ctx.signal });
+      const [s, toks] = await Promise.all([
+        get(`/admin/stats?hours=${hours}${tokenID ? `&token_id=${encodeURIComponent(tokenID)}` : ''}`, { signal: ctx.signal }),
+        get('/admin/tokens', { signal: ctx.signal }),
+      ]);
       if (ctx.signal.aborted) return;
+      tokenSel.replaceChildren(h('option', { value: '' }, t('stats.allTokens')),
+        toks.filter((x) => x.source !== 'env').map((x) => h('option', { value: String(x.id), selected: String(x.id) === tokenID }, x.name)));
       showError(err, null);
       const sum = (k) => s.channels.reduce((n, r) => n + (r[k] || 0), 0);
       const req = sum('requests'), ok = sum('success');
