@@ -81,7 +81,8 @@ export function render(root, ctx) {
       ]);
       if (ctx.signal.aborted) return;
       tokenSel.replaceChildren(h('option', { value: '' }, t('stats.allTokens')),
-        toks.filter((x) => x.source !== 'env').map((x) => h('option', { value: String(x.id), selected: String(x.id) === tokenID }, x.name)));
+        ...toks.filter((x) => x.source !== 'env').map((x) => h('option', { value: String(x.id) }, x.name)));
+      tokenSel.value = tokenID;
       showError(err, null);
       const sum = (k) => s.channels.reduce((n, r) => n + (r[k] || 0), 0);
       const req = sum('requests'), ok = sum('success');
