@@ -806,8 +806,8 @@ func (rl *relay) finish(x *exchange) {
 		e.UpstreamModel = t.entry.upstreamModel(x.model)
 	}
 	e.trace = encodeTrace(x.tries, x.status, dur)
-	rl.settleToken(x, &e)
 	rl.metrics.request(&e, dur)
+	rl.settleToken(x, &e) // price it, charge its token
 	rl.logs.add(e)
 }
 
