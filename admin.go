@@ -146,20 +146,21 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 // channelView is a channel as the admin API shows it: keys masked, live
 // health attached.
 type channelView struct {
-	ID             int64             `json:"id"`
-	Name           string            `json:"name"`
-	URL            string            `json:"url"`
-	APIKeys        []string          `json:"api_keys"`
-	KeyCount       int               `json:"key_count"`
-	Type           string            `json:"channel_type"`
-	Priority       int               `json:"priority"`
-	Models         []string          `json:"models"`
-	ModelRedirects map[string]string `json:"model_redirects"`
-	KeyStrategy    string            `json:"key_strategy"`
-	Enabled        bool              `json:"enabled"`
-	CreatedAt      time.Time         `json:"created_at"`
-	UpdatedAt      time.Time         `json:"updated_at"`
-	State          healthState       `json:"state"`
+	ID              int64             `json:"id"`
+	Name            string            `json:"name"`
+	URL             string            `json:"url"`
+	APIKeys         []string          `json:"api_keys"`
+	KeyCount        int               `json:"key_count"`
+	Type            string            `json:"channel_type"`
+	Priority        int               `json:"priority"`
+	Models          []string          `json:"models"`
+	ModelRedirects  map[string]string `json:"model_redirects"`
+	KeyStrategy     string            `json:"key_strategy"`
+	Enabled         bool              `json:"enabled"`
+	PriceMultiplier float64           `json:"price_multiplier"`
+	CreatedAt       time.Time         `json:"created_at"`
+	UpdatedAt       time.Time         `json:"updated_at"`
+	State           healthState       `json:"state"`
 }
 
 func (a *admin) bodyWait() time.Duration {
@@ -172,7 +173,7 @@ func (a *admin) bodyWait() time.Duration {
 func (a *admin) view(c Channel) channelView {
 	v := channelView{
 		ID: c.ID, Name: c.Name, URL: c.URL, KeyCount: len(c.APIKeys), Type: c.Type, Priority: c.Priority,
-		Models: nonNil(c.Models), ModelRedirects: c.ModelRedirects, KeyStrategy: c.KeyStrategy,
+		Models: nonNil(c.Models), ModelRedirects: c.ModelRedirects, KeyStrategy: c.KeyStrategy, PriceMultiplier: storedMultiplier(&c),
 		Enabled: c.Enabled, CreatedAt: c.CreatedAt, UpdatedAt: c.UpdatedAt,
 	}
 	if v.ModelRedirects == nil {
@@ -507,6 +508,7 @@ func (a *admin) handleLogs() http.Handler {
 		p := &queryParams{q: r.URL.Query()}
 		f := logFilter{
 			ChannelID: p.int("channel_id", 0, 0, math.MaxInt64),
+			TokenID:   p.int("token_id", 0, 0, math.MaxInt64),
 			Model:     strings.TrimSpace(p.q.Get("model")),
 			Since:     p.time("since"),
 			Until:     p.time("until"),
@@ -551,16 +553,17 @@ func (a *admin) handleLogs() http.Handler {
 	})
 }
 
-// hoursParam reads ?hours= (default 24).
-func hoursParam(r *http.Request) (int, error) {
+// hoursParam reads ?hours= (default 24) and ?token_id= (0: every request).
+func hoursParam(r *http.Request) (hours int, tokenID int64, err error) {
 	p := &queryParams{q: r.URL.Query()}
-	hours := int(p.int("hours", 24, 1, maxStatsHours))
-	return hours, p.err()
+	hours = int(p.int("hours", 24, 1, maxStatsHours))
+	tokenID = p.int("token_id", 0, 0, math.MaxInt64)
+	return hours, tokenID, p.err()
 }
 
 func (a *admin) handleStats() http.Handler {
 	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
-		hours, err := hoursParam(r)
+		hours, tokenID, err := hoursParam(r)
 		if err != nil {
 			return err
 		}
@@ -570,21 +573,31 @@ func (a *admin) handleStats() http.Handler {
 		}
 		since := windowStart(a.now(), hours)
 		chs, models, err := a.store.Stats(r.Context(), since, names)
+		if tokenID != 0 {
+			chs, models, err = a.store.StatsForToken(r.Context(), since, tokenID, names)
+		}
 		if err != nil {
 			return err
 		}
-		writeJSON(w, http.StatusOK, stats{Hours: hours, Since: since, Channels: chs, Models: models})
+		toks, err := a.store.TokenStats(r.Context(), since, a.relay.auth.managed.names())
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, stats{Hours: hours, Since: since, Channels: chs, Models: models, Tokens: toks})
 		return nil
 	})
 }
 
 func (a *admin) handleTrends() http.Handler {
 	return apiHandler(func(w http.ResponseWriter, r *http.Request) error {
-		hours, err := hoursParam(r)
+		hours, tokenID, err := hoursParam(r)
 		if err != nil {
 			return err
 		}
 		b, err := a.store.Trends(r.Context(), a.now(), hours)
+		if tokenID != 0 {
+			b, err = a.store.TrendsForToken(r.Context(), a.now(), hours, tokenID)
+		}
 		if err != nil {
 			return err
 		}

@@ -433,12 +433,6 @@ func (t *bindings) bind(key uint64, channel int64, keyIndex int, now int64) {
 	t.pushFront(i)
 }
 
-func (t *bindings) len() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.idx)
-}
-
 func (t *bindings) remove(i int32) {
 	t.unlink(i)
 	delete(t.idx, t.nodes[i].key)
@@ -471,4 +465,10 @@ func (t *bindings) pushFront(i int32) {
 	if t.tail < 0 {
 		t.tail = i
 	}
+}
+
+func (t *bindings) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.idx)
 }

@@ -25,10 +25,6 @@ import (
 // loopback-only open mode), the admin password, the login limiter and admin
 // sessions. Every secret here is compared in constant time.
 
-// clientIP is the address the request came from, for the log and the
-// login limit, with the default trust (loopback proxies only).
-func clientIP(r *http.Request) string { return proxyTrust(nil).clientIP(r) }
-
 // proxyTrust is the peers whose X-Forwarded-For is believed
 // (CCLOAD_TRUSTED_PROXIES); nil means loopback only. Anyone can send the
 // header, so only what trusted proxies appended counts: the client is the
@@ -117,7 +113,8 @@ func parseHop(s string) (netip.Addr, error) {
 
 // clientAuth checks the proxy's client tokens (CCLOAD_AUTH).
 type clientAuth struct {
-	tokens []clientToken
+	tokens  []clientToken
+	managed *tokenSet // tokens managed in the admin; nil in tests that need none
 	// origins are the web origins open mode serves (CCLOAD_ORIGINS); "*"
 	// is any. Without tokens every page in the local user's browser is a
 	// loopback caller, so the browser's own marks decide.
@@ -151,20 +148,30 @@ func newClientAuth(entries []string) *clientAuth {
 	return a
 }
 
-func (a *clientAuth) open() bool { return len(a.tokens) == 0 }
+func (a *clientAuth) open() bool { return len(a.tokens) == 0 && !a.managed.any() }
 
 // identify returns the client's token name, or ok=false. Without tokens the
 // proxy serves loopback clients only.
 func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
+	name, _, deny := a.identifyClient(r, p, time.Now())
+	return name, deny == ""
+}
+
+// identifyClient returns the client's token name and, for a token managed
+// in the admin, the token; deny is why the client may not pass ("" if it
+// may): a disabled or expired managed token is refused like an unknown one.
+func (a *clientAuth) identifyClient(r *http.Request, p protocol, now time.Time) (name string, mt *managedToken, deny string) {
 	if a.open() {
-		return "local", isLocal(r)
+		if !isLocal(r) {
+			return "", nil, a.denyMessage(r)
+		}
+		return "local", nil, ""
 	}
 	tok := presentedToken(r, p)
 	if tok == "" {
-		return "", false
+		return "", nil, a.denyMessage(r)
 	}
 	d := sha256.Sum256([]byte(tok))
-	name := ""
 	// Compare against every token, always: the time taken says nothing
 	// about which one (if any) matched.
 	for i := range a.tokens {
@@ -172,7 +179,16 @@ func (a *clientAuth) identify(r *http.Request, p protocol) (string, bool) {
 			name = a.tokens[i].name
 		}
 	}
-	return name, name != ""
+	if name != "" {
+		return name, nil, ""
+	}
+	if mt = a.managed.find(d); mt == nil {
+		return "", nil, a.denyMessage(r)
+	}
+	if why := mt.usable(now.UnixNano()); why != "" {
+		return "", nil, why
+	}
+	return mt.rec.Name, mt, ""
 }
 
 // openRefusal says why open mode refuses r as the work of a web page or a
@@ -236,7 +252,7 @@ func (a *clientAuth) denyMessage(r *http.Request) string {
 		return "this request came through a proxy: set client tokens (CCLOAD_AUTH) to serve anyone but this machine"
 	}
 	if a.open() {
-		return "ccload serves only loopback clients until client tokens are set (CCLOAD_AUTH)"
+		return "ccload serves only loopback clients until client tokens are set (CCLOAD_AUTH, or Tokens in the admin)"
 	}
 	return "missing or invalid client token: send Authorization: Bearer <token> or x-api-key"
 }
@@ -705,3 +721,7 @@ func (c *securityConfig) load(getenv func(string) string) []error {
 	}
 	return errs
 }
+
+// clientIP is the address the request came from, for the log and the
+// login limit, with the default trust (loopback proxies only).
+func clientIP(r *http.Request) string { return proxyTrust(nil).clientIP(r) }

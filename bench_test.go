@@ -51,6 +51,7 @@ func BenchmarkOverhead(b *testing.B) {
 	}
 	e := newTestEnv(b, opts...)
 	e.addChannel(Channel{Name: "bench", URL: up.URL, APIKeys: []string{"sk-bench-upstream-key"}})
+	loadBenchTokens(b, e) // 1,000 managed tokens with limits, 100 priced models
 
 	target, _ := url.Parse(up.URL)
 	bare := &httputil.ReverseProxy{

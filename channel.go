@@ -30,8 +30,11 @@ type Channel struct {
 	ModelRedirects map[string]string `json:"model_redirects"`
 	KeyStrategy    string            `json:"key_strategy"`
 	Enabled        bool              `json:"enabled"`
-	CreatedAt      time.Time         `json:"created_at"`
-	UpdatedAt      time.Time         `json:"updated_at"`
+	// PriceMultiplier scales list prices for this channel's cost: a
+	// reseller selling at 30% of list is 0.3. 0 (unset) means 1.
+	PriceMultiplier float64   `json:"price_multiplier"`
+	CreatedAt       time.Time `json:"created_at"`
+	UpdatedAt       time.Time `json:"updated_at"`
 }
 
 // maskKey shows enough of a key to recognise it and not enough to use it.
@@ -85,6 +88,7 @@ var channelFields = []channelField{
 	{"model_redirects", (*Channel).setRedirects},
 	{"key_strategy", (*Channel).setKeyStrategy},
 	{"enabled", (*Channel).setEnabled},
+	{"price_multiplier", (*Channel).setPriceMultiplier},
 }
 
 // channelOutputFields are accepted on input and ignored, so a client may
@@ -149,6 +153,9 @@ func (c *Channel) validate() error {
 	if c.KeyStrategy == "" {
 		c.KeyStrategy = keySequential
 	}
+	if c.PriceMultiplier == 0 {
+		c.PriceMultiplier = 1
+	}
 	return nil
 }
 
@@ -158,7 +165,7 @@ func (c *Channel) validate() error {
 func (c Channel) normalized() (Channel, error) {
 	fields := map[string]any{"name": c.Name, "url": c.URL, "api_keys": c.APIKeys, "channel_type": c.Type,
 		"priority": c.Priority, "models": c.Models, "model_redirects": c.ModelRedirects,
-		"key_strategy": c.KeyStrategy, "enabled": c.Enabled}
+		"key_strategy": c.KeyStrategy, "enabled": c.Enabled, "price_multiplier": storedMultiplier(&c)}
 	in := make(map[string]json.RawMessage, len(fields))
 	for k, v := range fields {
 		in[k], _ = json.Marshal(v)
@@ -295,6 +302,30 @@ func (c *Channel) setEnabled(raw json.RawMessage) error {
 		return invalid("enabled must be true or false")
 	}
 	c.Enabled = b
+	return nil
+}
+
+// setPriceMultiplier takes a number (or a numeric string, as forms and CSV
+// cells send it); empty or null means list price.
+func (c *Channel) setPriceMultiplier(raw json.RawMessage) error {
+	if string(raw) == "null" || string(raw) == `""` {
+		c.PriceMultiplier = 1
+		return nil
+	}
+	var m float64
+	if err := json.Unmarshal(raw, &m); err != nil {
+		var s string
+		if json.Unmarshal(raw, &s) != nil {
+			return invalid("price_multiplier must be a number such as 1 or 0.3")
+		}
+		if m, err = strconv.ParseFloat(strings.TrimSpace(s), 64); err != nil {
+			return invalid("price_multiplier %q must be a number such as 1 or 0.3", s)
+		}
+	}
+	if !(m > 0 && m <= 100) {
+		return invalid("price_multiplier must be above 0 and at most 100 (1 is list price)")
+	}
+	c.PriceMultiplier = m
 	return nil
 }
 

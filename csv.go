@@ -44,22 +44,23 @@ const (
 // csvColumns is the export's header, in order. Each is also the name of the
 // field it carries in the admin API.
 var csvColumns = []string{"id", "name", "api_key", "url", "priority", "models", "model_redirects",
-	"channel_type", "key_strategy", "enabled"}
+	"channel_type", "key_strategy", "enabled", "price_multiplier"}
 
 // csvAliases maps a header name, as headerKey normalises it, to its field.
 // People write headers in English or Chinese, with any case and spacing.
 var csvAliases = func() map[string]string {
 	names := map[string][]string{
-		"id":              {"id", "编号", "渠道id", "channel id"},
-		"name":            {"name", "名称", "渠道名称", "渠道名", "名字", "channel name"},
-		"api_key":         {"api_key", "api_keys", "apikey", "key", "keys", "密钥", "api密钥", "秘钥", "api秘钥", "密钥列表"},
-		"url":             {"url", "base_url", "api_url", "地址", "url地址", "api地址", "接口地址", "渠道地址", "endpoint"},
-		"priority":        {"priority", "优先级"},
-		"models":          {"models", "model", "模型", "模型列表", "支持模型", "支持的模型"},
-		"model_redirects": {"model_redirects", "model_redirect", "redirects", "模型重定向", "重定向", "模型映射", "model_mapping"},
-		"channel_type":    {"channel_type", "type", "渠道类型", "类型", "协议", "protocol"},
-		"key_strategy":    {"key_strategy", "strategy", "密钥策略", "key策略", "密钥使用策略", "key使用策略"},
-		"enabled":         {"enabled", "enable", "status", "启用", "状态", "是否启用", "启用状态"},
+		"id":               {"id", "编号", "渠道id", "channel id"},
+		"name":             {"name", "名称", "渠道名称", "渠道名", "名字", "channel name"},
+		"api_key":          {"api_key", "api_keys", "apikey", "key", "keys", "密钥", "api密钥", "秘钥", "api秘钥", "密钥列表"},
+		"url":              {"url", "base_url", "api_url", "地址", "url地址", "api地址", "接口地址", "渠道地址", "endpoint"},
+		"priority":         {"priority", "优先级"},
+		"models":           {"models", "model", "模型", "模型列表", "支持模型", "支持的模型"},
+		"model_redirects":  {"model_redirects", "model_redirect", "redirects", "模型重定向", "重定向", "模型映射", "model_mapping"},
+		"channel_type":     {"channel_type", "type", "渠道类型", "类型", "协议", "protocol"},
+		"key_strategy":     {"key_strategy", "strategy", "密钥策略", "key策略", "密钥使用策略", "key使用策略"},
+		"enabled":          {"enabled", "enable", "status", "启用", "状态", "是否启用", "启用状态"},
+		"price_multiplier": {"price_multiplier", "multiplier", "价格倍率", "倍率", "价格系数"},
 	}
 	m := make(map[string]string)
 	for field, l := range names {
@@ -134,6 +135,7 @@ func csvRecord(c Channel) []string {
 		c.Type,
 		c.KeyStrategy,
 		strconv.FormatBool(c.Enabled),
+		strconv.FormatFloat(storedMultiplier(&c), 'f', -1, 64),
 	}
 	for i, v := range rec {
 		rec[i] = neutralizeCell(v)
@@ -860,5 +862,5 @@ func cloneChannel(c Channel) Channel {
 func sameChannel(a, b Channel) bool {
 	return a.Name == b.Name && a.URL == b.URL && slices.Equal(a.APIKeys, b.APIKeys) && a.Type == b.Type &&
 		a.Priority == b.Priority && slices.Equal(a.Models, b.Models) && maps.Equal(a.ModelRedirects, b.ModelRedirects) &&
-		a.KeyStrategy == b.KeyStrategy && a.Enabled == b.Enabled
+		a.KeyStrategy == b.KeyStrategy && a.Enabled == b.Enabled && storedMultiplier(&a) == storedMultiplier(&b)
 }

@@ -132,7 +132,7 @@ func TestExportFormat(t *testing.T) {
 	if cc := resp.Header.Get("Cache-Control"); cc != "no-store" {
 		t.Errorf("Cache-Control %q; want no-store (the file holds keys)", cc)
 	}
-	if !bytes.HasPrefix(body, []byte("\xEF\xBB\xBFid,name,api_key,url,priority,models,model_redirects,channel_type,key_strategy,enabled\r\n")) {
+	if !bytes.HasPrefix(body, []byte("\xEF\xBB\xBFid,name,api_key,url,priority,models,model_redirects,channel_type,key_strategy,enabled,price_multiplier\r\n")) {
 		t.Fatalf("export does not start with a BOM and the fixed header:\n%q", body[:min(len(body), 120)])
 	}
 	// Several keys share one quoted cell, joined by commas.
@@ -149,11 +149,11 @@ func TestExportFormat(t *testing.T) {
 	want := [][]string{
 		{strconv.FormatInt(chs[0].ID, 10), "官方 Anthropic", "sk-ant-aaaaaaaaaaaa1,sk-ant-bbbbbbbbbbbb2,sk-ant-cccccccccccc3",
 			"https://api.anthropic.com", "10", "claude-sonnet-4-5,claude-haiku-4-5",
-			`{"a<b":"c&d","claude-3-5-sonnet":"claude-sonnet-4-5"}`, "anthropic", "round_robin", "true"},
+			`{"a<b":"c&d","claude-3-5-sonnet":"claude-sonnet-4-5"}`, "anthropic", "round_robin", "true", "1"},
 		{strconv.FormatInt(chs[1].ID, 10), "codex 中转, 备用", "sk-o-1", "https://relay.example.com/openai", "-1", "", "",
-			"openai", "sequential", "false"},
+			"openai", "sequential", "false", "1"},
 		{strconv.FormatInt(chs[2].ID, 10), `Gemini "quoted"`, "AIza-key-1,AIza-key-2", "https://gemini.example.com", "0",
-			"gemini-2.5-pro", "", "gemini", "sequential", "true"},
+			"gemini-2.5-pro", "", "gemini", "sequential", "true", "1"},
 	}
 	for i, w := range want {
 		if !slices.Equal(recs[i+1], w) {
@@ -237,10 +237,10 @@ func TestImportChineseHeadersAnyOrder(t *testing.T) {
 	want := []Channel{
 		{ID: got[0].ID, Name: "中文渠道", URL: "https://cn.example.com/v1", APIKeys: []string{"k-1", "k-2"}, Type: "openai",
 			Priority: 5, Models: []string{"gpt-5", "gpt-5-codex"}, ModelRedirects: map[string]string{"gpt-4": "gpt-5"},
-			KeyStrategy: "round_robin", Enabled: false},
+			KeyStrategy: "round_robin", Enabled: false, PriceMultiplier: 1},
 		{ID: got[1].ID, Name: "双子座", URL: "https://g.example.com", APIKeys: []string{"AIza-1"}, Type: "gemini",
 			Models: []string{"gemini-2.5-pro", "gemini-2.5-flash"}, ModelRedirects: map[string]string{},
-			KeyStrategy: "sequential", Enabled: true},
+			KeyStrategy: "sequential", Enabled: true, PriceMultiplier: 1},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("imported:\n got %+v\nwant %+v", got, want)
@@ -270,13 +270,13 @@ func TestImportOldFormat(t *testing.T) {
 	want := []Channel{
 		{ID: 1, Name: "老渠道", URL: "https://old.example.com", APIKeys: []string{"sk-old-1", "sk-old-2"}, Type: "openai",
 			Priority: 10, Models: []string{"claude-sonnet-4-5", "claude-opus-4-1"}, ModelRedirects: map[string]string{},
-			KeyStrategy: "sequential", Enabled: true},
+			KeyStrategy: "sequential", Enabled: true, PriceMultiplier: 1},
 		{ID: 4, Name: "Old Gemini", URL: "https://gem.example.com", APIKeys: []string{"AIza-old"}, Type: "gemini",
 			Models: []string{}, ModelRedirects: map[string]string{"gemini-pro": "gemini-2.5-pro"},
-			KeyStrategy: "round_robin", Enabled: false},
+			KeyStrategy: "round_robin", Enabled: false, PriceMultiplier: 1},
 		{ID: 9, Name: "Later", URL: "https://later.example.com", APIKeys: []string{"sk-later"}, Type: "anthropic",
 			Priority: 1, Models: []string{"claude-haiku-4-5"}, ModelRedirects: map[string]string{},
-			KeyStrategy: "sequential", Enabled: true},
+			KeyStrategy: "sequential", Enabled: true, PriceMultiplier: 1},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("imported:\n got %+v\nwant %+v", got, want)

@@ -45,6 +45,9 @@ type logEntry struct {
 
 	trace string // Tries as stored (see encodeTrace)
 
+	costPico int64 // CostUSD exactly, in pico-dollars (see pricing.go)
+	priced   bool  // the model had a price
+
 	// flushed, when set, marks a flush request rather than a row: the
 	// writer closes it once everything queued before it is written.
 	flushed chan struct{}
@@ -127,22 +130,6 @@ func (lw *logWriter) run() {
 	}
 }
 
-// flush returns once every entry queued before the call is written.
-func (lw *logWriter) flush(ctx context.Context) error {
-	done := make(chan struct{})
-	select {
-	case lw.queue <- logEntry{flushed: done}:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 func (lw *logWriter) write(batch []logEntry) {
 	// Retry a failed batch a few times: a disk that is briefly full or a
 	// locked database should not cost rows. Give up after that, counted.
@@ -199,6 +186,9 @@ func (s *Store) InsertLogs(ctx context.Context, entries []logEntry) error {
 	if err := s.writeRollups(ctx, tx, groups, totals); err != nil {
 		return err
 	}
+	if err := s.writeTokenRollups(ctx, tx, entries); err != nil {
+		return err
+	}
 	return tx.Commit()
 }
 
@@ -227,7 +217,8 @@ func prepareLogStmts(ctx context.Context, db *sql.DB) (logStmts, error) {
 	st.readRollup = prep(`SELECT durations FROM log_hourly WHERE hour = ? AND channel_id = ? AND model = ?`)
 	st.writeRollup = prep(`INSERT INTO log_hourly (hour, channel_id, model, channel_name, requests, ok,
 			client_errors, cancelled, server_errors, duration_ms, first_byte_ms, input_tokens, output_tokens,
-			cache_read_tokens, cache_write_tokens, durations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			cache_read_tokens, cache_write_tokens, durations, cost_pico, unpriced)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 			ON CONFLICT (hour, channel_id, model) DO UPDATE SET channel_name = excluded.channel_name,
 			requests = requests + excluded.requests, ok = ok + excluded.ok,
 			client_errors = client_errors + excluded.client_errors, cancelled = cancelled + excluded.cancelled,
@@ -235,7 +226,8 @@ func prepareLogStmts(ctx context.Context, db *sql.DB) (logStmts, error) {
 			first_byte_ms = first_byte_ms + excluded.first_byte_ms, input_tokens = input_tokens + excluded.input_tokens,
 			output_tokens = output_tokens + excluded.output_tokens,
 			cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
-			cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, durations = excluded.durations`)
+			cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, durations = excluded.durations,
+			cost_pico = cost_pico + excluded.cost_pico, unpriced = unpriced + excluded.unpriced`)
 	st.addTotals = prep(`INSERT INTO log_totals (channel_id, model, status, requests) VALUES (?, ?, ?, ?)
 		ON CONFLICT (channel_id, model, status) DO UPDATE SET requests = requests + excluded.requests`)
 	if err != nil {
@@ -271,6 +263,7 @@ type rollup struct {
 	name                                  string
 	requests, ok, clientErr, cancel, srv  int64
 	dur, fb, in, out, cacheRead, cacheWri int64
+	cost, unpriced                        int64 // pico-dollars; requests without a price
 	hist                                  durationHist
 }
 
@@ -292,6 +285,10 @@ func (g *rollup) addEntry(e *logEntry) {
 	g.out += e.OutputTokens
 	g.cacheRead += e.CacheRead
 	g.cacheWri += e.CacheWrite
+	g.cost += e.costPico
+	if !e.priced {
+		g.unpriced++
+	}
 	g.hist.add(e.DurationMS)
 }
 
@@ -307,6 +304,8 @@ func (g *rollup) merge(o *rollup) {
 	g.out += o.out
 	g.cacheRead += o.cacheRead
 	g.cacheWri += o.cacheWri
+	g.cost += o.cost
+	g.unpriced += o.unpriced
 	g.hist.merge(o.hist)
 }
 
@@ -334,7 +333,7 @@ func (s *Store) writeRollups(ctx context.Context, tx *sql.Tx, groups map[rollupK
 		}
 		_, err = write.ExecContext(ctx,
 			k.hour, k.channelID, k.model, g.name, g.requests, g.ok, g.clientErr, g.cancel, g.srv, g.dur, g.fb,
-			g.in, g.out, g.cacheRead, g.cacheWri, g.hist.encode())
+			g.in, g.out, g.cacheRead, g.cacheWri, g.hist.encode(), g.cost, g.unpriced)
 		if err != nil {
 			return fmt.Errorf("write rollup: %w", err)
 		}
@@ -463,6 +462,7 @@ func (h *durationHist) quantile(q float64) int64 {
 // logFilter selects rows of the request log.
 type logFilter struct {
 	ChannelID int64
+	TokenID   int64 // a managed client token; rows only (see countLogs)
 	Model     string
 	Status    int // exact status; see StatusClass
 	// StatusClass is 2, 4 or 5 for 2xx/4xx/5xx, or -1 for "not 2xx".
@@ -496,6 +496,9 @@ func (f logFilter) where(t logTable) (string, []any) {
 	}
 	if f.Model != "" {
 		where, args = where+" AND model = ?", append(args, f.Model)
+	}
+	if f.TokenID != 0 && t == logRows {
+		where, args = where+" AND token_id = ?", append(args, f.TokenID)
 	}
 	if t != logHours {
 		if f.Status != 0 {
@@ -571,6 +574,8 @@ func (s *Store) countLogs(ctx context.Context, f logFilter) (int, error) {
 	aligned := func(t time.Time) bool { return t.IsZero() || t.UnixMilli()%3_600_000 == 0 }
 	table, sum := logRows, "count(*)"
 	switch {
+	case f.TokenID != 0:
+		// Neither summary table is by token: count the rows (indexed).
 	case f.Since.IsZero() && f.Until.IsZero():
 		table, sum = logTotals, "coalesce(sum(requests), 0)"
 	case f.Status == 0 && aligned(f.Since) && aligned(f.Until):
@@ -612,6 +617,9 @@ func (s *Store) DeleteLogsBefore(ctx context.Context, t time.Time) (int64, error
 	// Rollup hours whose rows were already gone.
 	if _, err := s.db.ExecContext(ctx, `DELETE FROM log_hourly WHERE hour < ?`, cut); err != nil {
 		return total, fmt.Errorf("delete old rollups: %w", err)
+	}
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM token_hourly WHERE hour < ?`, cut); err != nil {
+		return total, fmt.Errorf("delete old token rollups: %w", err)
 	}
 	return total, nil
 }
@@ -705,6 +713,10 @@ type statsRow struct {
 	// input): how much of the prompt the upstream's cache served. 0
 	// without input tokens.
 	CacheHitRatio float64 `json:"cache_hit_ratio"`
+	CostUSD       float64 `json:"cost_usd"`
+	Unpriced      int64   `json:"unpriced"` // requests whose model has no price
+	TokenID       *int64  `json:"token_id,omitempty"`
+	Token         *string `json:"token,omitempty"`
 
 	sum rollup // not serialised
 }
@@ -714,6 +726,7 @@ func (r *statsRow) finish() {
 	r.Requests, r.Success, r.Errors = g.requests, g.ok, g.requests-g.ok
 	r.InputTokens, r.OutputTokens, r.CacheReadTokens, r.CacheWriteToks = g.in, g.out, g.cacheRead, g.cacheWri
 	r.CacheHitRatio = cacheHitRatio(g.in, g.cacheRead, g.cacheWri)
+	r.CostUSD, r.Unpriced = usd(g.cost), g.unpriced
 	if g.requests > 0 {
 		r.SuccessRate = float64(g.ok) / float64(g.requests)
 		r.AvgMS = float64(g.dur) / float64(g.requests)
@@ -728,6 +741,7 @@ type stats struct {
 	Since    time.Time  `json:"since"`
 	Channels []statsRow `json:"channels"`
 	Models   []statsRow `json:"models"`
+	Tokens   []statsRow `json:"tokens"`
 }
 
 // windowStart is the start of an hours-long window ending with the current
@@ -743,7 +757,7 @@ func windowStart(now time.Time, hours int) time.Time {
 func (s *Store) Stats(ctx context.Context, since time.Time, names map[int64]string) ([]statsRow, []statsRow, error) {
 	rows, err := s.rdb.QueryContext(ctx, `SELECT channel_id, model, channel_name, requests, ok, client_errors,
 		cancelled, server_errors, duration_ms, first_byte_ms, input_tokens, output_tokens, cache_read_tokens,
-		cache_write_tokens, durations FROM log_hourly WHERE hour >= ?`, since.UnixMilli())
+		cache_write_tokens, durations, cost_pico, unpriced FROM log_hourly WHERE hour >= ?`, since.UnixMilli())
 	if err != nil {
 		return nil, nil, fmt.Errorf("stats: %w", err)
 	}
@@ -758,7 +772,7 @@ func (s *Store) Stats(ctx context.Context, since time.Time, names map[int64]stri
 			hist  []byte
 		)
 		if err := rows.Scan(&ch, &model, &g.name, &g.requests, &g.ok, &g.clientErr, &g.cancel, &g.srv, &g.dur,
-			&g.fb, &g.in, &g.out, &g.cacheRead, &g.cacheWri, &hist); err != nil {
+			&g.fb, &g.in, &g.out, &g.cacheRead, &g.cacheWri, &hist, &g.cost, &g.unpriced); err != nil {
 			return nil, nil, err
 		}
 		if err := g.hist.decode(hist); err != nil {
@@ -826,6 +840,7 @@ type trendBucket struct {
 	CacheRead    int64     `json:"cache_read_tokens"`
 	CacheWrite   int64     `json:"cache_write_tokens"`
 	CacheHit     float64   `json:"cache_hit_ratio"`
+	CostUSD      float64   `json:"cost_usd"`
 
 	durSum int64
 }
@@ -848,7 +863,7 @@ func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBu
 		buckets[i].Start = first.Add(time.Duration(i) * time.Hour)
 	}
 	rows, err := s.rdb.QueryContext(ctx, `SELECT (hour - ?) / 3600000, sum(requests), sum(ok), sum(duration_ms),
-		sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
+		sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_pico)
 		FROM log_hourly WHERE hour >= ? GROUP BY hour`,
 		first.UnixMilli(), first.UnixMilli())
 	if err != nil {
@@ -856,8 +871,8 @@ func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBu
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var h, n, ok, dur, in, out, cr, cw int64
-		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out, &cr, &cw); err != nil {
+		var h, n, ok, dur, in, out, cr, cw, cost int64
+		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out, &cr, &cw, &cost); err != nil {
 			return nil, err
 		}
 		if h < 0 || h >= int64(hours) {
@@ -866,6 +881,7 @@ func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBu
 		b := &buckets[h]
 		b.Requests, b.Success, b.durSum, b.InputTokens, b.OutputTokens = n, ok, dur, in, out
 		b.CacheRead, b.CacheWrite, b.CacheHit = cr, cw, cacheHitRatio(in, cr, cw)
+		b.CostUSD = usd(cost)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err
@@ -886,4 +902,20 @@ func (s *Store) CountRequests(ctx context.Context, since time.Time) (total, succ
 	err = s.rdb.QueryRowContext(ctx, `SELECT coalesce(sum(requests), 0), coalesce(sum(ok), 0)
 		FROM log_hourly WHERE hour >= ?`, since.UnixMilli()).Scan(&total, &success)
 	return total, success, err
+}
+
+// flush returns once every entry queued before the call is written.
+func (lw *logWriter) flush(ctx context.Context) error {
+	done := make(chan struct{})
+	select {
+	case lw.queue <- logEntry{flushed: done}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

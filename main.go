@@ -60,6 +60,7 @@ type config struct {
 	Replica         string          // CCLOAD_REPLICA: this replica's id, default the host name
 	Webhooks        []webhookTarget // CCLOAD_WEBHOOK_URL
 	Alerts          alerterOptions  // Quiet is CCLOAD_WEBHOOK_QUIET
+	TZ              *time.Location  // CCLOAD_TZ: where token spend days and months begin
 	relayConfig
 	securityConfig
 }
@@ -174,6 +175,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 			errs = append(errs, fmt.Errorf("CCLOAD_BODY_TIMEOUT=%q: want a duration like 60s", v))
 		}
 		c.BodyTimeout = d
+	}
+	c.TZ = time.UTC
+	if v := strings.TrimSpace(getenv("CCLOAD_TZ")); v != "" {
+		loc, err := time.LoadLocation(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("CCLOAD_TZ=%q: want an IANA time zone such as Asia/Shanghai or UTC", v))
+		} else {
+			c.TZ = loc
+		}
 	}
 	if c.RedisURL != "" && !strings.HasPrefix(c.RedisURL, "redis://") && !strings.HasPrefix(c.RedisURL, "rediss://") {
 		errs = append(errs, errors.New("REDIS_URL must start with redis:// or rediss://"))
@@ -294,6 +304,8 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	case "":
 	case "healthcheck":
 		return healthcheck(ctx, cfg)
+	case "token":
+		return tokenCommand(ctx, cfg, fs.Args()[1:], stdout)
 	default:
 		return fmt.Errorf("unknown command %q (try -h)", fs.Arg(0))
 	}
@@ -320,6 +332,8 @@ type app struct {
 	admin   *admin
 	mirror  *redisMirror
 	alerts  *alerter // nil without CCLOAD_WEBHOOK_URL
+	tokens  *tokenSet
+	prices  *prices
 	handler http.Handler
 
 	bgCancel context.CancelFunc
@@ -381,11 +395,22 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		slog.Info("restored cooldowns", "scopes", n)
 	}
 
+	if cfg.TZ != nil {
+		store.TZ = cfg.TZ
+	}
 	a.logs = newLogWriter(store, logQueueSize)
 	auth := newClientAuth(cfg.AuthTokens)
 	auth.origins = cfg.Origins
+	if auth.managed, err = newTokenSet(ctx, store, store.TZ, auth.tokens); err != nil {
+		return fail(err)
+	}
+	a.tokens = auth.managed
+	if a.prices, err = loadPrices(ctx, store); err != nil {
+		return fail(err)
+	}
 	a.relay = newRelay(cfg.relayConfig, a.sel, a.cool, a.logs, a.metrics, auth, newUpstreamTransport())
 	a.relay.alerts = a.alerts
+	a.relay.prices = a.prices
 	a.admin = &admin{store: store, sel: a.sel, cool: a.cool, relay: a.relay, pass: pass,
 		limiter: newLoginLimiter(time.Now), now: time.Now, sessions: store, replica: cfg.Replica}
 	if a.mirror != nil {
@@ -412,10 +437,11 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	a.bgCancel, a.bgDone = cancel, make(chan struct{})
 	go func() {
 		defer close(a.bgDone)
-		done := make(chan struct{}, 6)
+		done := make(chan struct{}, 7)
 		go func() { a.cool.persistLoop(bg, store); done <- struct{}{} }()
 		go func() { a.alerts.run(bg); done <- struct{}{} }()
-		n := 2
+		go func() { a.tokens.watch(bg, time.Second); done <- struct{}{} }()
+		n := 3
 		if cfg.LogDays > 0 {
 			n++
 			go func() { retentionLoop(bg, store, cfg.LogDays, nil); done <- struct{}{} }()
@@ -431,10 +457,10 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 			<-done
 		}
 	}()
-	if len(cfg.AuthTokens) == 0 {
-		slog.Warn("no client tokens (CCLOAD_AUTH): the proxy serves loopback clients only, and anyone a reverse proxy " +
+	if len(cfg.AuthTokens) == 0 && !a.tokens.any() {
+		slog.Warn("no client tokens (CCLOAD_AUTH or managed): the proxy serves loopback clients only, and anyone a reverse proxy " +
 			"on this machine lets in if it sends none of X-Forwarded-For, X-Real-IP, Forwarded, CF-Connecting-IP, " +
-			"True-Client-IP, X-Client-IP or Via: set CCLOAD_AUTH before putting a proxy in front")
+			"True-Client-IP, X-Client-IP or Via: set CCLOAD_AUTH or create a token before putting a proxy in front")
 	}
 	return a, nil
 }
@@ -488,6 +514,14 @@ func (a *app) routes(auth *clientAuth) http.Handler {
 	admin("GET /admin/webhooks", a.alerts.handleStatus())
 	admin("POST /admin/webhooks/test", a.alerts.handleTest())
 	admin("POST /admin/logout-all", ad.handleLogoutAll())
+	admin("GET /admin/tokens", a.tokens.handleList())
+	admin("POST /admin/tokens", a.tokens.handleCreate())
+	admin("GET /admin/tokens/{id}", a.tokens.handleGet())
+	admin("PUT /admin/tokens/{id}", a.tokens.handleUpdate())
+	admin("DELETE /admin/tokens/{id}", a.tokens.handleDelete())
+	admin("GET /admin/prices", a.prices.handleGet())
+	admin("GET /admin/spend", handleSpend(a.store, time.Now))
+	admin("PUT /admin/prices", a.prices.handlePut())
 	admin("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such admin endpoint: " + r.Method + " " + r.URL.Path})
 	}))

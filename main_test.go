@@ -64,9 +64,19 @@ func newTestEnv(tb testing.TB, opts ...func(*config)) *testEnv {
 
 func startEnv(tb testing.TB, cfg config) *testEnv {
 	tb.Helper()
+	return startEnvWith(tb, cfg, nil)
+}
+
+// startEnvWith is startEnv with prep run on the app before it serves, for
+// what must be set before any request (an injected clock).
+func startEnvWith(tb testing.TB, cfg config, prep func(*app)) *testEnv {
+	tb.Helper()
 	a, err := newApp(context.Background(), cfg, io.Discard)
 	if err != nil {
 		tb.Fatalf("newApp: %v", err)
+	}
+	if prep != nil {
+		prep(a)
 	}
 	e := &testEnv{t: tb, cfg: cfg, app: a, connClosed: make(chan struct{}, 1<<16)}
 	e.srv = httptest.NewUnstartedServer(a.handler)

@@ -680,16 +680,6 @@ func skipValue(b []byte, i int) int {
 	return i
 }
 
-// withModel returns body with its model value replaced: every other byte
-// stays as the client sent it.
-func withModel(body []byte, info bodyInfo, model string) []byte {
-	q, _ := json.Marshal(model)
-	out := make([]byte, 0, len(body)-(info.modelEnd-info.modelStart)+len(q))
-	out = append(out, body[:info.modelStart]...)
-	out = append(out, q...)
-	return append(out, body[info.modelEnd:]...)
-}
-
 // geminiTarget splits the last path element of /v1beta/models/{model}:{action}.
 func geminiTarget(rest string) (model, action string, ok bool) {
 	i := strings.LastIndexByte(rest, ':')
@@ -702,6 +692,10 @@ func geminiTarget(rest string) (model, action string, ok bool) {
 // usage is the token count of one response.
 type usage struct {
 	Input, Output, CacheRead, CacheWrite int64
+	// CacheWrite1h is the part of CacheWrite cached for an hour
+	// (Anthropic's cache_creation.ephemeral_1h_input_tokens), which costs
+	// more than the 5-minute rest (see pricing.go).
+	CacheWrite1h int64
 }
 
 var (
@@ -742,6 +736,7 @@ func (u *usage) absorb(data []byte) {
 func (u *usage) applyCounts(obj []byte) {
 	var (
 		input, output, cacheWrite, cacheRead, prompt, completion, cached int64 = -1, -1, -1, -1, -1, -1, 0
+		write5m, write1h                                                 int64 = -1, -1
 		inputDetails                                                     bool
 	)
 	forEachMember(obj, func(k, v []byte) {
@@ -754,6 +749,15 @@ func (u *usage) applyCounts(obj []byte) {
 			cacheWrite = jsonInt(v)
 		case "cache_read_input_tokens":
 			cacheRead = jsonInt(v)
+		case "cache_creation":
+			forEachMember(v, func(dk, dv []byte) {
+				switch string(dk) {
+				case "ephemeral_5m_input_tokens":
+					write5m = jsonInt(dv)
+				case "ephemeral_1h_input_tokens":
+					write1h = jsonInt(dv)
+				}
+			})
 		case "prompt_tokens":
 			prompt = jsonInt(v)
 		case "completion_tokens":
@@ -787,6 +791,11 @@ func (u *usage) applyCounts(obj []byte) {
 	set(&u.Output, output)
 	set(&u.Output, completion)
 	set(&u.CacheWrite, cacheWrite)
+	if cacheWrite < 0 && write5m+write1h > 0 {
+		// Only the split was given: its sum is the total.
+		set(&u.CacheWrite, max(write5m, 0)+max(write1h, 0))
+	}
+	set(&u.CacheWrite1h, write1h)
 	set(&u.CacheRead, cacheRead)
 	if cached > 0 {
 		u.CacheRead = cached
@@ -1042,4 +1051,14 @@ func clientPath(escaped string) (string, bool) {
 		b.WriteString(d)
 	}
 	return b.String(), true
+}
+
+// withModel returns body with its model value replaced: every other byte
+// stays as the client sent it.
+func withModel(body []byte, info bodyInfo, model string) []byte {
+	q, _ := json.Marshal(model)
+	out := make([]byte, 0, len(body)-(info.modelEnd-info.modelStart)+len(q))
+	out = append(out, body[:info.modelStart]...)
+	out = append(out, q...)
+	return append(out, body[info.modelEnd:]...)
 }

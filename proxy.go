@@ -32,6 +32,7 @@ type relay struct {
 	auth     *clientAuth
 	alerts   *alerter          // hears a model go down; nil: nobody
 	trust    proxyTrust        // whose X-Forwarded-For names the client
+	prices   *prices           // nil: nothing is priced
 	upstream http.RoundTripper // the real transport to the channels
 	aff      *affinity         // nil when off
 	Now      func() time.Time
@@ -231,6 +232,8 @@ type exchange struct {
 	probe     bool // an admin's channel test: failures cool nothing
 	stream    bool
 	token     string
+	client    *managedToken // the managed token it came with; nil for CCLOAD_AUTH or open mode
+	holds     bool          // client's concurrency slot is taken (see settleToken)
 	clientIP  string
 	model     string
 	gemAction string // gemini: the action after the model in the path
@@ -300,12 +303,12 @@ func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool
 		rl.reject(w, x, http.StatusForbidden, msg)
 		return false
 	}
-	name, ok := rl.auth.identify(r, p)
-	if !ok {
-		rl.reject(w, x, http.StatusUnauthorized, rl.auth.denyMessage(r))
+	name, mt, deny := rl.auth.identifyClient(r, p, rl.Now())
+	if deny != "" {
+		rl.reject(w, x, http.StatusUnauthorized, deny)
 		return false
 	}
-	x.token = name
+	x.token, x.client = name, mt
 	if !rl.auth.open() {
 		x.secret = presentedToken(r, p)
 	}
@@ -383,12 +386,19 @@ func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool
 		return false
 	}
 
+	if !rl.admitToken(x, w) {
+		return false
+	}
+
 	rt := rl.sel.current().route(p, x.model)
 	if rt == nil {
 		rl.reject(w, x, http.StatusNotFound, fmt.Sprintf("no enabled %s channel serves model %q", p, x.model))
 		return false
 	}
 	x.plan = rt.makePlan(x.model, rl.Now().UnixNano(), x.planBuf[:0])
+	if !rl.restrictPlan(x, w) {
+		return false
+	}
 	rl.aff.route(x, r.Header, rl.Now())
 	return true
 }
@@ -888,6 +898,7 @@ func readSome(r io.Reader, p []byte) (int, error) {
 // finish writes the log row and the metrics of one request.
 func (rl *relay) finish(x *exchange) {
 	defer rl.inflight.Done()
+	defer x.releaseToken()
 	x.dropBody()
 	if x.logged {
 		return
@@ -924,6 +935,7 @@ func (rl *relay) finish(x *exchange) {
 	e.trace = encodeTrace(x.tries, x.status, x.start, dur)
 	rl.aff.settle(x, &e, rl.metrics, rl.Now())
 	rl.metrics.request(&e, dur)
+	rl.settleToken(x, &e) // price it, charge its token
 	rl.logs.add(e)
 }
 

@@ -127,6 +127,64 @@ ALTER TABLE logs ADD COLUMN tries TEXT NOT NULL DEFAULT '';
 -- Rows from before have no fingerprint and end too.
 ALTER TABLE sessions ADD COLUMN pass_fp TEXT NOT NULL DEFAULT '';
 
+-- version 4
+-- Client tokens managed in the admin (README "Client tokens"), by SHA-256
+-- of the token: the secret itself is shown once, at creation. models and
+-- channels are allowlists (empty: all); limits a JSON object of
+-- daily_usd, monthly_usd, total_usd, concurrency, rpm (absent: none).
+CREATE TABLE tokens (
+	id         INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: logs refer to ids
+	name       TEXT NOT NULL COLLATE NOCASE UNIQUE,
+	token_hash TEXT NOT NULL UNIQUE,
+	hint       TEXT NOT NULL DEFAULT '',
+	enabled    INTEGER NOT NULL DEFAULT 1,
+	expires_at INTEGER,                  -- NULL: never
+	models     TEXT NOT NULL DEFAULT '[]',
+	channels   TEXT NOT NULL DEFAULT '[]',
+	limits     TEXT NOT NULL DEFAULT '{}',
+	created_at INTEGER NOT NULL,
+	updated_at INTEGER NOT NULL
+);
+-- A token's spend and requests, written by the log writer in the same
+-- transaction as the rows they count. Money in pico-dollars (1e-12 USD);
+-- day (YYYYMMDD) and month (YYYYMM) are the CCLOAD_TZ periods spent_day
+-- and spent_month count. No foreign key: the writer skips rows of a
+-- deleted token instead of failing its batch.
+CREATE TABLE token_usage (
+	token_id    INTEGER PRIMARY KEY,
+	day         INTEGER NOT NULL,
+	spent_day   INTEGER NOT NULL,
+	month       INTEGER NOT NULL,
+	spent_month INTEGER NOT NULL,
+	spent_total INTEGER NOT NULL,
+	requests    INTEGER NOT NULL,
+	last_used   INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Hourly rollups by token, beside log_hourly (by channel and model), for
+-- stats and trends per token.
+CREATE TABLE token_hourly (
+	hour               INTEGER NOT NULL,
+	token_id           INTEGER NOT NULL,
+	token              TEXT NOT NULL, -- name as last logged
+	requests           INTEGER NOT NULL,
+	ok                 INTEGER NOT NULL,
+	duration_ms        INTEGER NOT NULL, -- sum
+	input_tokens       INTEGER NOT NULL,
+	output_tokens      INTEGER NOT NULL,
+	cache_read_tokens  INTEGER NOT NULL,
+	cache_write_tokens INTEGER NOT NULL,
+	cost_pico          INTEGER NOT NULL,
+	unpriced           INTEGER NOT NULL,
+	PRIMARY KEY (hour, token_id)
+) WITHOUT ROWID;
+CREATE INDEX logs_token ON logs(token_id);
+-- What each request cost, summed exactly (pico-dollars), and how many had
+-- no price.
+ALTER TABLE log_hourly ADD COLUMN cost_pico INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE log_hourly ADD COLUMN unpriced INTEGER NOT NULL DEFAULT 0;
+-- A reseller selling at 30% of list sets 0.3.
+ALTER TABLE channels ADD COLUMN price_multiplier REAL NOT NULL DEFAULT 1;
+
 -- version 5
 -- Several replicas (cluster.go): for each shared config item, the form this
 -- replica last agreed with Redis on (NULL: deleted) and its revision there.

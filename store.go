@@ -35,6 +35,9 @@ type Store struct {
 
 	// Now is the clock; tests replace it.
 	Now func() time.Time
+	// TZ is where days and months begin for token spend (CCLOAD_TZ);
+	// UTC unless set.
+	TZ *time.Location
 
 	// onChange, if set, is called after every committed change to the
 	// channel set (the Redis mirror hooks in here).
@@ -72,7 +75,7 @@ func OpenStore(ctx context.Context, path string) (*Store, error) {
 	}
 	rdb.SetMaxOpenConns(4)
 	rdb.SetMaxIdleConns(4)
-	s := &Store{db: db, rdb: rdb, Now: time.Now}
+	s := &Store{db: db, rdb: rdb, Now: time.Now, TZ: time.UTC}
 	if err := s.migrate(ctx); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("database %s: %w", path, err)
@@ -135,7 +138,7 @@ func (s *Store) changed() {
 	}
 }
 
-const channelColumns = `id, name, url, api_keys, channel_type, priority, models, model_redirects, key_strategy, enabled, created_at, updated_at`
+const channelColumns = `id, name, url, api_keys, channel_type, priority, models, model_redirects, key_strategy, enabled, created_at, updated_at, price_multiplier`
 
 type scanner interface{ Scan(dest ...any) error }
 
@@ -146,7 +149,7 @@ func scanChannel(row scanner) (Channel, error) {
 		created, updated        int64
 	)
 	err := row.Scan(&c.ID, &c.Name, &c.URL, &keys, &c.Type, &c.Priority, &models, &redirects,
-		&c.KeyStrategy, &c.Enabled, &created, &updated)
+		&c.KeyStrategy, &c.Enabled, &created, &updated, &c.PriceMultiplier)
 	if err != nil {
 		return c, err
 	}
@@ -251,15 +254,16 @@ func (s *Store) assignID(ctx context.Context, c *Channel) error {
 }
 
 func insertChannel(ctx context.Context, tx *sql.Tx, c *Channel, now int64) error {
+	c.PriceMultiplier = storedMultiplier(c)
 	keys, models, redirects := channelArgs(c)
 	var idArg any // nil lets SQLite assign one
 	if c.ID > 0 {
 		idArg = c.ID
 	}
 	res, err := tx.ExecContext(ctx, `INSERT INTO channels
-		(id, name, url, api_keys, channel_type, priority, models, model_redirects, key_strategy, enabled, created_at, updated_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		idArg, c.Name, c.URL, keys, c.Type, c.Priority, models, redirects, c.KeyStrategy, c.Enabled, now, now)
+		(id, name, url, api_keys, channel_type, priority, models, model_redirects, key_strategy, enabled, created_at, updated_at,
+		price_multiplier) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		idArg, c.Name, c.URL, keys, c.Type, c.Priority, models, redirects, c.KeyStrategy, c.Enabled, now, now, storedMultiplier(c))
 	if err != nil {
 		return channelWriteError(c, err)
 	}
@@ -289,12 +293,13 @@ func (s *Store) UpdateChannel(ctx context.Context, c *Channel) error {
 }
 
 func updateChannel(ctx context.Context, tx *sql.Tx, c *Channel, now int64) error {
+	c.PriceMultiplier = storedMultiplier(c)
 	keys, models, redirects := channelArgs(c)
 	var created int64
 	err := tx.QueryRowContext(ctx, `UPDATE channels SET name = ?, url = ?, api_keys = ?, channel_type = ?,
-		priority = ?, models = ?, model_redirects = ?, key_strategy = ?, enabled = ?, updated_at = ?
-		WHERE id = ? RETURNING created_at`,
-		c.Name, c.URL, keys, c.Type, c.Priority, models, redirects, c.KeyStrategy, c.Enabled, now, c.ID).Scan(&created)
+		priority = ?, models = ?, model_redirects = ?, key_strategy = ?, enabled = ?, updated_at = ?,
+		price_multiplier = ? WHERE id = ? RETURNING created_at`,
+		c.Name, c.URL, keys, c.Type, c.Priority, models, redirects, c.KeyStrategy, c.Enabled, now, storedMultiplier(c), c.ID).Scan(&created)
 	if errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("channel %d: %w", c.ID, errNotFound)
 	}
@@ -304,6 +309,14 @@ func updateChannel(ctx context.Context, tx *sql.Tx, c *Channel, now int64) error
 	c.CreatedAt = time.UnixMilli(created).UTC()
 	c.UpdatedAt = time.UnixMilli(now).UTC()
 	return nil
+}
+
+// storedMultiplier is c's price multiplier, 1 when unset.
+func storedMultiplier(c *Channel) float64 {
+	if c.PriceMultiplier <= 0 {
+		return 1
+	}
+	return c.PriceMultiplier
 }
 
 func channelWriteError(c *Channel, err error) error {

@@ -1056,7 +1056,7 @@ func testBrowserLanguage(t *testing.T, bctx context.Context) {
 		t.Error(m)
 	}
 	// Every key the code asks for exists (a missing one shows as its key).
-	used := eval[[]string](b, `Promise.all(['app.js','ui.js','chart.js','pages/login.js','pages/dashboard.js','pages/channels.js','pages/logs.js','pages/stats.js']
+	used := eval[[]string](b, `Promise.all(['app.js','ui.js','chart.js','pages/login.js','pages/dashboard.js','pages/channels.js','pages/logs.js','pages/stats.js','pages/tokens.js','pages/prices.js']
 		.map(f => fetch('/web/' + f).then(r => r.text()))).then(srcs => srcs.flatMap(s => [...s.matchAll(/\bt\('([a-zA-Z0-9_.]+)'/g)].map(m => m[1])))`)
 	en := eval[[]string](b, `import('/web/i18n.js').then(({messages}) => Object.keys(messages.en))`)
 	if len(used) < 50 {

@@ -10,8 +10,10 @@ import * as dashboard from './pages/dashboard.js';
 import * as channels from './pages/channels.js';
 import * as logs from './pages/logs.js';
 import * as stats from './pages/stats.js';
+import * as tokens from './pages/tokens.js';
+import * as prices from './pages/prices.js';
 
-const pages = { login, dashboard, channels, logs, stats };
+const pages = { login, dashboard, channels, logs, stats, tokens, prices };
 const view = document.getElementById('view');
 let current = null; // {controller} of the page on screen
 

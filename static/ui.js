@@ -55,6 +55,14 @@ export function fmtPct(rate, requests) {
   return (p === 100 || p === 0 ? p.toFixed(0) : p.toFixed(1)) + '%';
 }
 
+// fmtUSD shows a cost in dollars: null is a model without a price.
+export function fmtUSD(v) {
+  if (v === null || v === undefined) return '—';
+  if (v === 0) return '$0';
+  if (v < 0.01) return `$${v.toPrecision(3).replace(/0+$/, '')}`;
+  return `$${v.toFixed(v < 100 ? 4 : 2)}`;
+}
+
 export function fmtMs(ms) {
   if (ms === null || ms === undefined) return '—';
   if (ms < 1000) return `${Math.round(ms)} ms`;

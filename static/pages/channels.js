@@ -280,6 +280,8 @@ export function render(root, ctx) {
     const type = h('select', { name: 'channel_type', id: 'ch-type' },
       TYPES.map((x) => h('option', { value: x, selected: x === v.channel_type }, t(`type.${x}`))));
     const priority = h('input', { type: 'number', name: 'priority', id: 'ch-priority', step: 1, value: String(v.priority ?? 0) });
+    const multiplier = h('input', { type: 'number', name: 'price_multiplier', id: 'ch-multiplier', step: 'any', min: '0',
+      value: String(v.price_multiplier ?? 1) });
     const strategy = h('select', { name: 'key_strategy', id: 'ch-strategy' },
       STRATEGIES.map((x) => h('option', { value: x, selected: x === v.key_strategy }, t(`strategy.${x}`))));
     const keys = h('textarea', { name: 'api_keys', id: 'ch-keys', rows: 3, spellcheck: 'false', autocomplete: 'off',
@@ -308,6 +310,7 @@ export function render(root, ctx) {
       field(t('ch.url'), url, t('ch.urlHint')),
       field(t('ch.type'), type),
       field(t('ch.priority'), priority, t('ch.priorityHint')),
+      field(t('ch.multiplier'), multiplier, t('ch.multiplierHint')),
       h('div', { class: 'field span2' }, h('label', { for: 'ch-keys' }, t('ch.keys')), keys,
         h('small', { class: 'hint', id: 'ch-keys-hint' }, editing ? t('ch.keysEditHint', { n: (v.api_keys || []).length }) : t('ch.keysHint'))),
       field(t('ch.strategy'), strategy, t('ch.strategyHint')),
@@ -337,6 +340,7 @@ export function render(root, ctx) {
         channel_type: type.value,
         priority: Number.parseInt(priority.value || '0', 10),
         key_strategy: strategy.value,
+        price_multiplier: Number.parseFloat(multiplier.value || '1'),
         enabled: enabled.checked,
         models: models.value.split(/[\s,;]+/).map((m) => m.trim()).filter(Boolean),
         model_redirects: {},
@@ -346,6 +350,7 @@ export function render(root, ctx) {
       if (!body.url) problems.push([url, t('ch.needURL')]);
       else if (!/^https?:\/\/[^/\s]+/i.test(body.url)) problems.push([url, t('ch.badURL')]);
       if (!Number.isInteger(body.priority)) problems.push([priority, t('ch.badPriority')]);
+      if (!(body.price_multiplier > 0)) problems.push([multiplier, t('ch.badMultiplier')]);
       const keyList = keys.value.split(/[\n,]+/).map((k) => k.trim()).filter(Boolean);
       if (!editing || keys.value !== maskedKeys) {
         if (!keyList.length) problems.push([keys, t('ch.needKey')]);

@@ -4,7 +4,7 @@
 
 import { t } from '../i18n.js';
 import { get, api } from '../api.js';
-import { h, fmtNum, fmtCompact, fmtPct, fmtMs, fmtAgo, fmtTime, countdown, statusBadge, channelStatus, table, errorBox, showError, toast } from '../ui.js';
+import { h, fmtNum, fmtCompact, fmtPct, fmtMs, fmtUSD, fmtAgo, fmtTime, countdown, statusBadge, channelStatus, table, errorBox, showError, toast } from '../ui.js';
 import { barChart, legend } from '../chart.js';
 
 const REFRESH_MS = 15000;
@@ -16,6 +16,7 @@ export function render(root, ctx) {
   const cards = h('div', { class: 'cards', id: 'summary-cards' });
   const reqChart = h('div', { class: 'chart-slot', id: 'trend-chart' });
   const tokChart = h('div', { class: 'chart-slot', id: 'token-chart' });
+  const costChart = h('div', { class: 'chart-slot', id: 'cost-chart' });
   const health = h('div', { id: 'health' });
   const redis = h('p', { class: 'redis-line', id: 'redis-status' });
   const replicas = h('p', { class: 'redis-line', id: 'replicas' });
@@ -32,6 +33,7 @@ export function render(root, ctx) {
     { key: 'input_tokens', label: t('dash.inputTokens'), class: 's-in' },
     { key: 'output_tokens', label: t('dash.outputTokens'), class: 's-out' },
   ];
+  const costSeries = [{ key: 'cost_usd', label: t('dash.cost'), class: 's-in' }];
 
   // The 24-hour cache hit ratio, beside the token chart: what session
   // affinity keeps up (README "Session affinity").
@@ -45,7 +47,9 @@ export function render(root, ctx) {
       h('section', { class: 'card', 'aria-labelledby': 'trend-h' },
         h('div', { class: 'section-head' }, h('h2', { id: 'trend-h' }, t('dash.traffic24')), legend(reqSeries)), reqChart),
       h('section', { class: 'card', 'aria-labelledby': 'tok-h' },
-        h('div', { class: 'section-head' }, h('h2', { id: 'tok-h' }, t('dash.tokens24')), cacheHit, legend(tokSeries)), tokChart)),
+        h('div', { class: 'section-head' }, h('h2', { id: 'tok-h' }, t('dash.tokens24')), cacheHit, legend(tokSeries)), tokChart),
+      h('section', { class: 'card', 'aria-labelledby': 'cost-h' },
+        h('div', { class: 'section-head' }, h('h2', { id: 'cost-h' }, t('dash.cost24'))), costChart)),
     h('section', { class: 'card', 'aria-labelledby': 'health-h' },
       h('div', { class: 'section-head' }, h('h2', { id: 'health-h' }, t('dash.health')),
         h('a', { href: '#/channels', class: 'small' }, t('dash.manage'))),
@@ -60,8 +64,10 @@ export function render(root, ctx) {
       h('div', { class: 'stat-value' }, value), sub ? h('div', { class: 'stat-sub' }, sub) : null);
   }
 
-  function drawSummary(s) {
+  function drawSummary(s, spend) {
     cards.replaceChildren(
+      card(t('dash.spendToday'), h('span', { id: 'spend-today' }, fmtUSD(spend.today_usd))),
+      card(t('dash.spendMonth'), h('span', { id: 'spend-month' }, fmtUSD(spend.month_usd)), spend.tz),
       card(t('dash.requests24'), h('span', { title: fmtNum(s.requests) }, fmtCompact(s.requests))),
       card(t('dash.successRate'), fmtPct(s.success_rate, s.requests),
         s.requests ? t('dash.okOf', { ok: fmtNum(s.success), n: fmtNum(s.requests) }) : null,
@@ -91,6 +97,10 @@ export function render(root, ctx) {
     stops.push(barChart(tokChart, {
       buckets: tr.buckets, series: tokSeries, title: t('dash.tokens24'),
       label: (b) => `${range(b)}\n${t('dash.tipTokens', { i: fmtNum(b.input_tokens), o: fmtNum(b.output_tokens) })}`,
+    }));
+    stops.push(barChart(costChart, {
+      buckets: tr.buckets, series: costSeries, title: t('dash.cost24'),
+      label: (b) => `${range(b)}\n${fmtUSD(b.cost_usd || 0)}`,
     }));
   }
 
@@ -206,12 +216,12 @@ export function render(root, ctx) {
     refreshBtn.disabled = true;
     try {
       const opts = { signal: ctx.signal };
-      const [s, tr, chs, r, reps, w] = await Promise.all([
+      const [s, tr, chs, r, reps, w, spend] = await Promise.all([
         get('/admin/summary', opts), get('/admin/trends?hours=24', opts), get('/admin/channels', opts), get('/admin/redis', opts),
-        get('/admin/replicas', opts), get('/admin/webhooks', opts),
+        get('/admin/replicas', opts), get('/admin/webhooks', opts), get('/admin/spend', opts),
       ]);
       if (ctx.signal.aborted) return;
-      drawSummary(s);
+      drawSummary(s, spend);
       drawTrends(tr);
       drawHealth(chs);
       drawRedis(r);

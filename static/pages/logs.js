@@ -4,7 +4,7 @@
 
 import { t } from '../i18n.js';
 import { get, query } from '../api.js';
-import { h, fmtNum, fmtCompact, fmtMs, fmtTime, statusClass, table, errorBox, showError, openDialog, toast } from '../ui.js';
+import { h, fmtNum, fmtCompact, fmtMs, fmtTime, statusClass, table, errorBox, showError, openDialog, toast, fmtUSD } from '../ui.js';
 
 const PAGE_SIZE = 50;
 const AUTO_MS = 5000;
@@ -26,6 +26,8 @@ export function render(root, ctx) {
     since: p.get('since') || '',
     until: p.get('until') || '',
   };
+  // Linked from the per-token statistics; not one of the filter fields.
+  const tokenID = p.get('token_id') || '';
   const activeFilters = Object.values(filters).filter(Boolean).length;
   const err = errorBox();
   const totalEl = h('span', { class: 'muted small', id: 'logs-total' });
@@ -131,6 +133,7 @@ export function render(root, ctx) {
       [t('logs.outputTokens'), fmtNum(r.output_tokens)],
       [t('logs.cacheRead'), fmtNum(r.cache_read_tokens)],
       [t('logs.cacheWrite'), fmtNum(r.cache_write_tokens)],
+      [t('logs.cost'), fmtUSD(r.cost_usd)],
       [t('logs.token'), r.token || '—'],
       [t('logs.session'), r.session ? h('code', {}, r.session) : '—'],
       [t('logs.affinity'), r.affinity ? t(`affinity.${r.affinity}`) : '—'],
@@ -169,6 +172,7 @@ export function render(root, ctx) {
         { key: 'tokens', label: t('logs.tokens'), num: true, render: (r) => h('span', {
           title: `${t('logs.inputTokens')}: ${fmtNum(r.input_tokens)}\n${t('logs.outputTokens')}: ${fmtNum(r.output_tokens)}\n${t('logs.cacheRead')}: ${fmtNum(r.cache_read_tokens)}\n${t('logs.cacheWrite')}: ${fmtNum(r.cache_write_tokens)}`,
         }, `${fmtCompact(r.input_tokens)} / ${fmtCompact(r.output_tokens)}`) },
+        { key: 'cost', label: t('logs.cost'), num: true, render: (r) => h('span', { class: 'cost' }, fmtUSD(r.cost_usd)) },
         { key: 'attempts', label: t('logs.attempts'), num: true, render: (r) => String(r.attempts) },
         { key: 'client', label: t('logs.client'), render: (r) => r.token || r.client_ip || '—' },
         { key: 'error', label: t('logs.error'), class: 'error-cell', render: (r) => (r.error ? h('span', { class: 'reason', title: r.error }, r.error) : '') },
@@ -185,7 +189,7 @@ export function render(root, ctx) {
     const before = stack[stack.length - 1];
     try {
       const res = await get(query('/admin/logs', {
-        channel_id: filters.channel_id, model: filters.model, status: filters.status,
+        channel_id: filters.channel_id, model: filters.model, status: filters.status, token_id: tokenID,
         since: toISO(filters.since), until: toISO(filters.until), limit: PAGE_SIZE, before_id: before,
       }), { signal: ctx.signal });
       if (ctx.signal.aborted) return;

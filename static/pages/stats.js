@@ -2,7 +2,7 @@
 
 import { t } from '../i18n.js';
 import { get } from '../api.js';
-import { h, fmtNum, fmtCompact, fmtPct, fmtMs, table, errorBox, showError, spinner } from '../ui.js';
+import { h, fmtNum, fmtCompact, fmtPct, fmtMs, fmtUSD, table, errorBox, showError, spinner } from '../ui.js';
 
 const WINDOWS = [1, 6, 24, 72, 168, 720];
 
@@ -12,20 +12,26 @@ export function render(root, ctx) {
   const err = errorBox();
   const windowSel = h('select', { id: 'stats-hours', 'aria-label': t('stats.window') },
     [...new Set([...WINDOWS, hours])].sort((a, b) => a - b).map((n) => h('option', { value: String(n), selected: n === hours }, windowLabel(n))));
-  windowSel.addEventListener('change', () => ctx.navigate('stats', { hours: windowSel.value }));
+  const tokenID = ctx.params.get('token_id') || '';
+  const tokenSel = h('select', { id: 'stats-token', 'aria-label': t('stats.token') }, h('option', { value: '' }, t('stats.allTokens')));
+  windowSel.addEventListener('change', () => ctx.navigate('stats', { hours: windowSel.value, token_id: tokenSel.value }));
+  tokenSel.addEventListener('change', () => ctx.navigate('stats', { hours: windowSel.value, token_id: tokenSel.value }));
   const totals = h('div', { class: 'cards', id: 'stats-totals' });
   const byChannel = h('div', { id: 'stats-channels' }, spinner());
   const byModel = h('div', { id: 'stats-models' }, spinner());
+  const byToken = h('div', { id: 'stats-tokens' }, spinner());
   const chSort = { key: 'requests', dir: 'desc' };
   const modelSort = { key: 'requests', dir: 'desc' };
+  const tokenSort = { key: 'cost', dir: 'desc' };
 
   root.append(
     h('div', { class: 'page-head' }, h('h1', {}, t('nav.stats')),
-      h('div', { class: 'head-tools' }, h('label', { for: 'stats-hours', class: 'muted small' }, t('stats.window')), windowSel)),
+      h('div', { class: 'head-tools' }, tokenSel, h('label', { for: 'stats-hours', class: 'muted small' }, t('stats.window')), windowSel)),
     err,
     totals,
     h('section', { class: 'card flush', 'aria-labelledby': 'sc-h' }, h('div', { class: 'section-head pad' }, h('h2', { id: 'sc-h' }, t('stats.byChannel'))), byChannel),
     h('section', { class: 'card flush', 'aria-labelledby': 'sm-h' }, h('div', { class: 'section-head pad' }, h('h2', { id: 'sm-h' }, t('stats.byModel'))), byModel),
+    h('section', { class: 'card flush', 'aria-labelledby': 'st-h' }, h('div', { class: 'section-head pad' }, h('h2', { id: 'st-h' }, t('stats.byToken'))), byToken),
   );
 
   function windowLabel(n) {
@@ -59,8 +65,14 @@ export function render(root, ctx) {
           `${fmtCompact(r.cache_read_tokens || 0)} / ${fmtCompact(r.cache_write_tokens || 0)}`) },
       { key: 'cacheHit', label: t('stats.cacheHit'), num: true, sort: (r) => r.cache_hit_ratio || 0,
         render: (r) => fmtPct(r.cache_hit_ratio || 0, (r.input_tokens || 0) + (r.cache_read_tokens || 0) + (r.cache_write_tokens || 0)) },
+      costColumn,
     ];
   }
+
+  // Cost, with the requests no price covered said beside it.
+  const costColumn = { key: 'cost', label: t('stats.cost'), num: true, sort: (r) => r.cost_usd || 0,
+    render: (r) => h('span', { class: 'cost', title: r.unpriced ? t('stats.unpricedHint', { n: r.unpriced }) : null },
+      fmtUSD(r.cost_usd || 0), r.unpriced ? h('sup', { class: 'muted' }, '*') : null) };
 
   function card(label, value, title) {
     return h('div', { class: 'stat' }, h('div', { class: 'stat-label' }, label), h('div', { class: 'stat-value', title }, value));
@@ -68,8 +80,14 @@ export function render(root, ctx) {
 
   async function load() {
     try {
-      const s = await get(`/admin/stats?hours=${hours}`, { signal: ctx.signal });
+      const [s, toks] = await Promise.all([
+        get(`/admin/stats?hours=${hours}${tokenID ? `&token_id=${encodeURIComponent(tokenID)}` : ''}`, { signal: ctx.signal }),
+        get('/admin/tokens', { signal: ctx.signal }),
+      ]);
       if (ctx.signal.aborted) return;
+      tokenSel.replaceChildren(h('option', { value: '' }, t('stats.allTokens')),
+        ...toks.filter((x) => x.source !== 'env').map((x) => h('option', { value: String(x.id) }, x.name)));
+      tokenSel.value = tokenID;
       showError(err, null);
       const sum = (k) => s.channels.reduce((n, r) => n + (r[k] || 0), 0);
       const req = sum('requests'), ok = sum('success');
@@ -80,7 +98,22 @@ export function render(root, ctx) {
         card(t('stats.outputTokens'), fmtCompact(sum('output_tokens')), fmtNum(sum('output_tokens'))),
         card(t('stats.cacheHit'), fmtPct(cacheHit(sum('input_tokens'), sum('cache_read_tokens'), sum('cache_write_tokens')),
           sum('input_tokens') + sum('cache_read_tokens') + sum('cache_write_tokens'))),
+        card(t('stats.cost'), fmtUSD(sum('cost_usd')), sum('unpriced') ? t('stats.unpricedHint', { n: sum('unpriced') }) : null),
       );
+      byToken.replaceChildren(table({
+        id: 'stats-token-table', className: 'scroll', rows: s.tokens || [], state: tokenSort,
+        caption: t('stats.byToken'), empty: t('stats.noTokens'),
+        rowProps: (r) => ({ dataset: { token: r.token_id } }),
+        columns: [
+          { key: 'token', label: t('stats.token'), class: 'sticky', sort: (r) => r.token || '',
+            render: (r) => h('a', { href: `#/logs?token_id=${r.token_id}` }, r.token || `#${r.token_id}`) },
+          { key: 'requests', label: t('stats.requests'), num: true, sort: (r) => r.requests, render: (r) => fmtNum(r.requests) },
+          { key: 'rate', label: t('stats.successRate'), num: true, sort: (r) => r.success_rate, render: (r) => fmtPct(r.success_rate, r.requests) },
+          { key: 'in', label: t('stats.inputTokens'), num: true, sort: (r) => r.input_tokens, render: (r) => tokens(r.input_tokens) },
+          { key: 'out', label: t('stats.outputTokens'), num: true, sort: (r) => r.output_tokens, render: (r) => tokens(r.output_tokens) },
+          costColumn,
+        ],
+      }));
       byChannel.replaceChildren(table({
         id: 'stats-channel-table', className: 'scroll', rows: s.channels, state: chSort,
         caption: t('stats.byChannel'), empty: t('stats.none'),
@@ -100,6 +133,7 @@ export function render(root, ctx) {
       if (e.name !== 'AbortError') showError(err, e);
       byChannel.replaceChildren();
       byModel.replaceChildren();
+      byToken.replaceChildren();
     }
   }
 
