@@ -333,30 +333,20 @@ type password struct {
 	fp string
 }
 
-// sessionSaltSetting salts the fingerprint of CCLOAD_PASS, so that the
-// sessions table does not hold a plain hash of it.
-const sessionSaltSetting = "session_salt"
-
 // fingerprint derives p.fp. A stored password is already a salted PBKDF2
-// hash, and its fingerprint a hash of that; CCLOAD_PASS gets a PBKDF2 of
-// its own with a salt kept in the database.
-func (p *password) fingerprint(ctx context.Context, s *Store, envPass string) error {
+// hash, and its fingerprint a hash of that. CCLOAD_PASS gets a PBKDF2 of its
+// own, so that the sessions table does not hold a fast hash of it. Its salt
+// is fixed, not per database: replicas that share sessions through Redis
+// (cluster.go) must derive the same fingerprint from the same password, and
+// a per-install salt would protect little here, since whoever reads the
+// database also reads the channels' keys.
+func (p *password) fingerprint(envPass string) error {
 	if !p.hasEnv {
 		d := sha256.Sum256([]byte("ccload session\x00" + p.stored))
 		p.fp = hex.EncodeToString(d[:16])
 		return nil
 	}
-	salt, err := s.Setting(ctx, sessionSaltSetting)
-	if err != nil {
-		return fmt.Errorf("read session salt: %w", err)
-	}
-	if salt == "" {
-		salt = rand.Text()
-		if err := s.SetSetting(ctx, sessionSaltSetting, salt); err != nil {
-			return fmt.Errorf("store session salt: %w", err)
-		}
-	}
-	dk, err := pbkdf2.Key(sha256.New, envPass, []byte(salt), 10_000, 16)
+	dk, err := pbkdf2.Key(sha256.New, envPass, []byte("ccload session fingerprint"), 10_000, 16)
 	if err != nil {
 		return err
 	}
@@ -391,7 +381,7 @@ func setupPassword(ctx context.Context, s *Store, envPass string) (p *password, 
 	p = &password{slots: make(chan struct{}, max(1, runtime.NumCPU()/2))}
 	if envPass != "" {
 		p.env, p.hasEnv = sha256.Sum256([]byte(envPass)), true
-		return p, "", p.fingerprint(ctx, s, envPass)
+		return p, "", p.fingerprint(envPass)
 	}
 	stored, err := s.Setting(ctx, passwordSetting)
 	if err != nil {
@@ -407,7 +397,7 @@ func setupPassword(ctx context.Context, s *Store, envPass string) (p *password, 
 		}
 	}
 	p.stored = stored
-	return p, generated, p.fingerprint(ctx, s, "")
+	return p, generated, p.fingerprint("")
 }
 
 func hashPassword(pw string) (string, error) {
