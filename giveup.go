@@ -83,6 +83,9 @@ func (rl *relay) firstFree(x *exchange) int64 {
 	var soonest int64
 	for _, t := range rt.tiers {
 		for _, e := range t.entries {
+			if !x.mayUse(e) {
+				continue
+			}
 			if u := e.health.blockedUntil(x.model, now); u > 0 && (soonest == 0 || u < soonest) {
 				soonest = u
 			}

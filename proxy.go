@@ -396,7 +396,7 @@ func (rl *relay) admit(x *exchange, w http.ResponseWriter, r *http.Request) bool
 		return false
 	}
 	x.plan = rt.makePlan(x.model, rl.Now().UnixNano(), x.planBuf[:0])
-	if !rl.restrictPlan(x, w) {
+	if !rl.restrictPlan(x, rt, w) {
 		return false
 	}
 	rl.aff.route(x, r.Header, rl.Now())
@@ -536,7 +536,8 @@ func (rl *relay) RoundTrip(out *http.Request) (*http.Response, error) {
 			}
 		}
 	}
-	if !x.probe && !x.aux && len(x.tries) > 0 {
+	// A token held to some channels saw only those fail: not the model down.
+	if !x.probe && !x.aux && len(x.tries) > 0 && (x.client == nil || x.client.channels == nil) {
 		rl.alerts.modelDown(x.model, len(x.tries), x.errText)
 	}
 	if last == nil {

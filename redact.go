@@ -39,11 +39,18 @@ func redactString(s string, keys []string, token string) string {
 	if len(s) < minRedact {
 		return s
 	}
-	for _, k := range append(keys, token) {
+	// Not range append(keys, token): keys is the channel's own slice,
+	// shared by every request, and an append into its spare capacity
+	// would race with the others'.
+	mask := func(k string) {
 		if len(k) >= minRedact && strings.Contains(s, k) {
 			s = strings.ReplaceAll(s, k, maskKey(k))
 		}
 	}
+	for _, k := range keys {
+		mask(k)
+	}
+	mask(token)
 	return s
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"encoding/csv"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,8 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -701,5 +704,33 @@ func TestBrowserLogOutEverywhere(t *testing.T) {
 	}
 	if n := eval[string](b, "document.getElementById('logout-all').textContent"); n != "Log out everywhere" {
 		t.Errorf("button text %q", n)
+	}
+}
+
+// TestRedactRacesOnTheChannelsKeys: masking appended the client's token to
+// the channel's key slice, whose spare capacity every request shares, so two
+// requests masked each other's token and left their own.
+func TestRedactRacesOnTheChannelsKeys(t *testing.T) {
+	var keys []string
+	json.Unmarshal([]byte(`["sk-channel-key-0001","sk-channel-key-0002","sk-channel-key-0003"]`), &keys)
+	if cap(keys) == len(keys) {
+		t.Skip("no spare capacity: nothing to race on")
+	}
+	var wg sync.WaitGroup
+	var leaks atomic.Int64
+	for _, tok := range []string{"client-token-AAAAAAAAAAAA", "client-token-BBBBBBBBBBBB"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 20000 {
+				if strings.Contains(redactString("echo: "+tok, keys, tok), tok) {
+					leaks.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n := leaks.Load(); n > 0 {
+		t.Errorf("client token left unmasked %d times", n)
 	}
 }

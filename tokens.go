@@ -415,7 +415,17 @@ func (rl *relay) admitToken(x *exchange, w http.ResponseWriter) bool {
 
 // restrictPlan keeps only the channels x's token may use; false (answered
 // 403) when none is left.
-func (rl *relay) restrictPlan(x *exchange, w http.ResponseWriter) bool {
+// mayUse reports whether x's client may use channel e: any channel unless a
+// managed token names its channels.
+func (x *exchange) mayUse(e *channelEntry) bool {
+	if x.client == nil || x.client.channels == nil {
+		return true
+	}
+	_, ok := x.client.channels[e.ch.ID]
+	return ok
+}
+
+func (rl *relay) restrictPlan(x *exchange, rt *route, w http.ResponseWriter) bool {
 	mt := x.client
 	if mt == nil || mt.channels == nil {
 		return true
@@ -430,7 +440,20 @@ func (rl *relay) restrictPlan(x *exchange, w http.ResponseWriter) bool {
 	p.order = keep
 	if p.lastResort != nil {
 		if _, ok := mt.channels[p.lastResort.ch.ID]; !ok {
-			p.lastResort = nil
+			// The plan's last resort is the route's soonest to free; the
+			// token's own is the soonest of the channels it may use.
+			p.lastResort, p.lastResortUntil = nil, 0
+			now := rl.Now().UnixNano()
+			for ti := range rt.tiers {
+				for _, e := range rt.tiers[ti].entries {
+					if _, ok := mt.channels[e.ch.ID]; !ok {
+						continue
+					}
+					if u := e.health.blockedUntil(x.model, now); u != 0 && (p.lastResort == nil || u < p.lastResortUntil) {
+						p.lastResort, p.lastResortUntil = e, u
+					}
+				}
+			}
 		}
 	}
 	if len(p.order) == 0 && p.lastResort == nil {

@@ -721,3 +721,24 @@ func TestTokenCLI(t *testing.T) {
 		t.Errorf("tokens %s", list)
 	}
 }
+
+// A token held to one channel that is only cooling gets that channel as its
+// last resort (and so its answer), not a 403 that clients never retry: the
+// route's own last resort was a channel the token may not use.
+func TestTokenChannelsWhileTheirChannelCools(t *testing.T) {
+	e := newTestEnv(t)
+	ua, ub := newFakeUpstream(t, "a"), newFakeUpstream(t, "b")
+	ua.set(fakeBehavior{Status: 503, RetryAfter: "20"})
+	ub.set(fakeBehavior{Status: 503, RetryAfter: "120"})
+	e.addChannel(Channel{Name: "A", URL: ua.URL})
+	cb := e.addChannel(Channel{Name: "B", URL: ub.URL})
+	s := e.login()
+	all := e.createToken(s, `{"name":"all"}`)
+	onlyB := e.createToken(s, fmt.Sprintf(`{"name":"onlyb","channels":[%d]}`, cb.ID))
+	e.call(protoAnthropic, "m", all.Token) // both fail and cool; A frees first
+	ub.set(fakeBehavior{})
+	resp, body := e.call(protoAnthropic, "m", onlyB.Token)
+	if resp.StatusCode != 200 || ub.count() != 2 {
+		t.Fatalf("restricted while its channel cools: %d %s, b hits %d; want B tried as the last resort", resp.StatusCode, body, ub.count())
+	}
+}
