@@ -596,6 +596,11 @@ func (s *Store) countLogs(ctx context.Context, f logFilter) (int, error) {
 // so totals, rollups and rows always agree and the writer is never held
 // off for longer than one hour of rows takes. It returns how many rows
 // went.
+// rollupDays is how long hourly rollups are kept at least, whatever
+// CCLOAD_LOG_DAYS keeps of the rows: two months, so that this month's spend
+// is whole on its last day.
+const rollupDays = 62
+
 func (s *Store) DeleteLogsBefore(ctx context.Context, t time.Time) (int64, error) {
 	cut := hourOf(t)
 	var total int64
@@ -614,11 +619,14 @@ func (s *Store) DeleteLogsBefore(ctx context.Context, t time.Time) (int64, error
 		}
 		total += n
 	}
-	// Rollup hours whose rows were already gone.
-	if _, err := s.db.ExecContext(ctx, `DELETE FROM log_hourly WHERE hour < ?`, cut); err != nil {
+	// The hourly rollups outlive the rows: this month's spend (the
+	// dashboard, SPEC §10) and long trends are summed from them, and they
+	// are small (one row per hour, channel and model).
+	rcut := min(cut, hourOf(t.AddDate(0, 0, -(rollupDays-1))))
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM log_hourly WHERE hour < ?`, rcut); err != nil {
 		return total, fmt.Errorf("delete old rollups: %w", err)
 	}
-	if _, err := s.db.ExecContext(ctx, `DELETE FROM token_hourly WHERE hour < ?`, cut); err != nil {
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM token_hourly WHERE hour < ?`, rcut); err != nil {
 		return total, fmt.Errorf("delete old token rollups: %w", err)
 	}
 	return total, nil
@@ -643,9 +651,6 @@ func (s *Store) deleteLogHour(ctx context.Context, h int64) (int64, error) {
 		return 0, fmt.Errorf("delete old logs: %w", err)
 	}
 	n, _ := res.RowsAffected()
-	if _, err := tx.ExecContext(ctx, `DELETE FROM log_hourly WHERE hour = ?`, h); err != nil {
-		return 0, fmt.Errorf("delete old rollups: %w", err)
-	}
 	if _, err := tx.ExecContext(ctx, `DELETE FROM log_totals WHERE requests <= 0`); err != nil {
 		return 0, fmt.Errorf("delete empty totals: %w", err)
 	}

@@ -960,6 +960,13 @@ func (ts *tokenSet) handleUpdate() http.Handler {
 		if err := in.apply(&t); err != nil {
 			return err
 		}
+		// As at creation: a name is what sessions (affinity), the log and
+		// the stats tell clients apart by.
+		for _, e := range ts.env {
+			if strings.EqualFold(e.name, t.Name) {
+				return fmt.Errorf("a CCLOAD_AUTH token is named %q: %w", t.Name, errDuplicate)
+			}
+		}
 		if err := ts.change(r.Context(), func() error { return ts.store.updateToken(r.Context(), &t) }); err != nil {
 			return err
 		}
@@ -1260,15 +1267,15 @@ func (s *Store) TrendsForToken(ctx context.Context, now time.Time, hours int, to
 		buckets[i].Start = first.Add(time.Duration(i) * time.Hour)
 	}
 	rows, err := s.rdb.QueryContext(ctx, `SELECT (hour - ?) / 3600000, requests, ok, duration_ms, input_tokens,
-		output_tokens, cost_pico FROM token_hourly WHERE token_id = ? AND hour >= ?`,
+		output_tokens, cache_read_tokens, cache_write_tokens, cost_pico FROM token_hourly WHERE token_id = ? AND hour >= ?`,
 		first.UnixMilli(), tokenID, first.UnixMilli())
 	if err != nil {
 		return nil, fmt.Errorf("token trends: %w", err)
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var h, n, ok, dur, in, out, cost int64
-		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out, &cost); err != nil {
+		var h, n, ok, dur, in, out, cr, cw, cost int64
+		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out, &cr, &cw, &cost); err != nil {
 			return nil, err
 		}
 		if h < 0 || h >= int64(hours) {
@@ -1276,6 +1283,7 @@ func (s *Store) TrendsForToken(ctx context.Context, now time.Time, hours int, to
 		}
 		b := &buckets[h]
 		b.Requests, b.Success, b.durSum, b.InputTokens, b.OutputTokens, b.CostUSD = n, ok, dur, in, out, usd(cost)
+		b.CacheRead, b.CacheWrite, b.CacheHit = cr, cw, cacheHitRatio(in, cr, cw)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err
