@@ -152,6 +152,7 @@ type fakeBehavior struct {
 	// message quotes every request header, the key among them, as some
 	// debugging proxies do.
 	EchoHeaders bool
+	EchoPad     int // with EchoHeaders: pad the message to make the body this much longer
 }
 
 // fakeUsage is the usage one answer reports.
@@ -319,6 +320,7 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		for k, vs := range r.Header {
 			fmt.Fprintf(&sb, "%s: %s; ", k, strings.Join(vs, ","))
 		}
+		sb.WriteString(strings.Repeat("a", b.EchoPad))
 		writeFakeError(w, p, cmp.Or(b.Status, 401), "authentication_error", "rejected request with headers "+sb.String(), "")
 		return
 	case b.GzipBomb > 0:

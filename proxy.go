@@ -613,11 +613,13 @@ func (rl *relay) attempt(out *http.Request, x *exchange, e *channelEntry, k int)
 	case clientFault(s):
 		// The client's own error: it goes back as is (but for our keys and
 		// the client's token, should the upstream echo them), nothing
-		// cools. A body longer than an error document is no echo of ours
-		// and streams on.
-		head, herr := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
+		// cools. It is read whole to be masked, up to maxEchoBody: an
+		// upstream that echoes a Claude Code request (often over 64 KiB)
+		// with its headers echoes the key too. Beyond that it streams on
+		// as it is.
+		head, herr := io.ReadAll(io.LimitReader(res.Body, maxEchoBody+1))
 		src := res.Body
-		if herr == nil && len(head) <= maxErrorBody {
+		if herr == nil && len(head) <= maxEchoBody {
 			res.Body.Close()
 			head, _ = x.redact(e, head)
 			res, src = bufferedResponse(res, head), http.NoBody

@@ -13,6 +13,10 @@ import (
 // full secret. Relayed success bodies are not read this way: they stream
 // through untouched, and the hot path copies nothing.
 
+// maxEchoBody is the largest answer to the client's own error (a 4xx)
+// that is read whole to mask echoed secrets before it is relayed.
+const maxEchoBody = 4 << 20
+
 // minRedact is the shortest secret masked: shorter strings would mask
 // ordinary words, and no real API key is that short.
 const minRedact = 8

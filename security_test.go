@@ -734,3 +734,21 @@ func TestRedactRacesOnTheChannelsKeys(t *testing.T) {
 		t.Errorf("client token left unmasked %d times", n)
 	}
 }
+
+// TestUpstreamEchoesKeyInALargeError: a 4xx over 64 KiB streamed through
+// unmasked, and an upstream echoing a Claude Code request with its headers
+// answers that large.
+func TestUpstreamEchoesKeyInALargeError(t *testing.T) {
+	e := newTestEnv(t)
+	up := newFakeUpstream(t, "a")
+	const key = "sk-ant-secret-key-0123456789"
+	e.addChannel(Channel{Name: "a", URL: up.URL, APIKeys: []string{key}})
+	up.set(fakeBehavior{Status: 400, EchoHeaders: true, EchoPad: 70 << 10})
+	resp, body := e.post("/v1/messages", anthropicBody("m", false))
+	if resp.StatusCode != 400 || len(body) < 70<<10 || !strings.Contains(string(body), "rejected request with headers") {
+		t.Fatalf("got %d, %d bytes; want the upstream's whole 400", resp.StatusCode, len(body))
+	}
+	if strings.Contains(string(body), key) {
+		t.Errorf("the channel's key reached the client in a %d-byte 4xx", len(body))
+	}
+}
