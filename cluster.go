@@ -85,6 +85,9 @@ type configKind struct {
 	// change runs write serialized with the kind's local writes (the admin
 	// API) and reloads whatever serves from the items afterwards.
 	change func(ctx context.Context, write func() error) error
+	// floor, if set, is the highest id this replica has used: the kind's
+	// ids come from Redis (newID), and a block is kept for outages.
+	floor func(ctx context.Context) int64
 }
 
 // channelKind shares the channel set. change is admin.changeChannels when
@@ -94,7 +97,8 @@ func channelKind(s *Store, change func(ctx context.Context, write func() error) 
 		change = func(_ context.Context, write func() error) error { return write() }
 	}
 	return &configKind{
-		name: "channels",
+		name:  "channels",
+		floor: s.maxChannelID,
 		list: func(ctx context.Context) (map[int64][]byte, error) {
 			chs, err := s.ListChannels(ctx)
 			if err != nil {

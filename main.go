@@ -416,7 +416,11 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	if a.mirror != nil {
 		// Shared with the other replicas (cluster.go): channels through the
 		// admin's own write path, cooldowns, sessions.
-		a.mirror.kinds = []*configKind{channelKind(store, a.admin.changeChannels)}
+		a.mirror.kinds = sharedKinds(store, a.admin.changeChannels, a.tokens, a.prices)
+		a.tokens.onChange, a.prices.onChange = a.mirror.notify, a.mirror.notify
+		a.tokens.allocID = func(ctx context.Context) (int64, error) {
+			return a.mirror.newID(ctx, "tokens", store.maxTokenID(ctx))
+		}
 		a.mirror.cool = a.cool
 		a.cool.announce = a.mirror.announce
 		a.admin.sessions = clusterSessions{local: store, client: a.mirror.client, now: time.Now}

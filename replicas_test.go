@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -460,6 +461,10 @@ func TestReplicas(t *testing.T) {
 		t.Logf("replica started during the outage caught up %v after Redis returned", d)
 	})
 
+	t.Run("tokens and prices", func(t *testing.T) {
+		_, a, b := pair(t)
+		replicaTokens(t, a, b)
+	})
 	t.Run("soak", func(t *testing.T) { replicaSoak(t, bin) })
 	t.Run("scaling", func(t *testing.T) { replicaScaling(t, bin) })
 
@@ -750,4 +755,145 @@ func scalingQuota() int {
 		return n
 	}
 	return 30000
+}
+
+// askAs sends one Anthropic request for model with a client token.
+func (p *replicaProc) askAs(token, model string) (int, []byte) {
+	p.t.Helper()
+	return p.do("POST", "/v1/messages", anthropicBody(model, false),
+		map[string]string{"Authorization": "Bearer " + token, "Anthropic-Version": "2023-06-01"})
+}
+
+// replicaLog is the newest row of the replica's request log for model,
+// once there is one.
+func replicaLog(t *testing.T, p *replicaProc, tok, model string, want int) clientLogRowCost {
+	t.Helper()
+	var row clientLogRowCost
+	until(t, p.name+" logged the request", 5*time.Second, func() bool {
+		_, body := p.admin(tok, "GET", "/admin/logs?limit=1000", "")
+		var page struct{ Logs []clientLogRowCost }
+		json.Unmarshal(body, &page)
+		n := 0
+		for _, r := range page.Logs {
+			if r.Model == model {
+				if n == 0 {
+					row = r
+				}
+				n++
+			}
+		}
+		return n >= want
+	})
+	return row
+}
+
+type clientLogRowCost struct {
+	Model  string   `json:"model"`
+	Token  string   `json:"token"`
+	Input  int64    `json:"input_tokens"`
+	Output int64    `json:"output_tokens"`
+	Cost   *float64 `json:"cost_usd"`
+}
+
+// replicaTokens: managed tokens and the price table are shared config.
+func replicaTokens(t *testing.T, a, b *replicaProc) {
+	up := newFakeUpstream(t, "up")
+	ta, tb := a.login(), b.login()
+	a.create(ta, channelJSON("tok", up.URL, "zz-priced"))
+	until(t, "B has the channel", time.Second, func() bool { return len(b.channels(tb)) == 1 })
+
+	// Created on A, accepted by B within a second.
+	st, body := a.admin(ta, "POST", "/admin/tokens", `{"name":"shared"}`)
+	if st != 201 {
+		t.Fatalf("create token on A: %d %s", st, body)
+	}
+	var tok struct {
+		ID    int64
+		Token string
+	}
+	json.Unmarshal(body, &tok)
+	if st, _ := b.askAs("sk-ccl-not-a-token", "zz-priced"); st != 401 {
+		t.Fatalf("B accepted an unknown token: %d", st)
+	}
+	d := until(t, "B accepts the token created on A", time.Second, func() bool {
+		st, _ := b.askAs(tok.Token, "zz-priced")
+		return st == 200
+	})
+	t.Logf("token created on A → accepted by B after %v", d)
+
+	// Disabled on B, refused on A.
+	id := strconv.FormatInt(tok.ID, 10)
+	if st, body := b.admin(tb, "PUT", "/admin/tokens/"+id, `{"enabled":false}`); st != 200 {
+		t.Fatalf("disable on B: %d %s", st, body)
+	}
+	until(t, "A refuses the token disabled on B", time.Second, func() bool {
+		st, _ := a.askAs(tok.Token, "zz-priced")
+		return st != 200
+	})
+	served := up.count()
+	if st, _ := a.askAs(tok.Token, "zz-priced"); st == 200 || up.count() != served {
+		t.Fatalf("A still serves a disabled token: %d", st)
+	}
+
+	// Tokens created on both at once get distinct ids, listed on both.
+	var wg sync.WaitGroup
+	ids := make([]int64, 6)
+	for i := range ids {
+		p, at := a, ta
+		if i%2 == 1 {
+			p, at = b, tb
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, body := p.admin(at, "POST", "/admin/tokens", fmt.Sprintf(`{"name":"t%d"}`, i))
+			if st != 201 {
+				t.Errorf("create t%d on %s: %d %s", i, p.name, st, body)
+			}
+			var v struct{ ID int64 }
+			json.Unmarshal(body, &v)
+			ids[i] = v.ID
+		}()
+	}
+	wg.Wait()
+	if slices.Sort(ids); len(slices.Compact(slices.Clone(ids))) != len(ids) || ids[0] == tok.ID {
+		t.Fatalf("token ids collide: %v (first token %d)", ids, tok.ID)
+	}
+	count := func(p *replicaProc, at string) int {
+		_, body := p.admin(at, "GET", "/admin/tokens", "")
+		var l []struct{ Source string }
+		json.Unmarshal(body, &l)
+		n := 0
+		for _, v := range l {
+			if v.Source == "db" {
+				n++
+			}
+		}
+		return n
+	}
+	until(t, "both list the 7 tokens", 2*time.Second, func() bool { return count(a, ta) == 7 && count(b, tb) == 7 })
+
+	// Prices PUT on A price B's log rows.
+	if st, body := b.ask("zz-priced"); st != 200 {
+		t.Fatalf("B: %d %s", st, body)
+	}
+	if row := replicaLog(t, b, tb, "zz-priced", 2); row.Cost != nil {
+		t.Fatalf("B priced a model no table names: %+v", row)
+	}
+	table := `{"as_of":"2026-12-01","prices":[{"model":"zz-priced","input":1000,"output":2000,"cache_write_5m":0,"cache_write_1h":0,"cache_read":0}]}`
+	if st, body := a.admin(ta, "PUT", "/admin/prices", table); st != 200 {
+		t.Fatalf("PUT prices on A: %d %s", st, body)
+	}
+	until(t, "B has A's price table", time.Second, func() bool {
+		_, body := b.admin(tb, "GET", "/admin/prices", "")
+		return strings.Contains(string(body), `"zz-priced"`)
+	})
+	if st, body := b.ask("zz-priced"); st != 200 {
+		t.Fatalf("B: %d %s", st, body)
+	}
+	row := replicaLog(t, b, tb, "zz-priced", 3)
+	want := float64(row.Input)*1000/1e6 + float64(row.Output)*2000/1e6
+	if row.Cost == nil || row.Input == 0 || math.Abs(*row.Cost-want) > 1e-9 {
+		t.Fatalf("B's row after A's price PUT: %+v, want cost %v", row, want)
+	}
 }
