@@ -422,6 +422,7 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 			return a.mirror.newID(ctx, "tokens", store.maxTokenID(ctx))
 		}
 		a.mirror.cool = a.cool
+		a.relay.counters = newSharedCounters(a.mirror.client, cfg.Replica)
 		a.cool.announce = a.mirror.announce
 		a.admin.sessions = clusterSessions{local: store, client: a.mirror.client, now: time.Now}
 		a.admin.replicas = a.mirror
@@ -456,6 +457,8 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 			n += 2
 			go func() { a.mirror.watch(bg); done <- struct{}{} }()
 			go func() { a.mirror.publishHealth(bg); done <- struct{}{} }()
+			n++
+			go func() { a.relay.counters.run(bg); done <- struct{}{} }()
 		}
 		for range n {
 			<-done

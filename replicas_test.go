@@ -465,6 +465,10 @@ func TestReplicas(t *testing.T) {
 		_, a, b := pair(t)
 		replicaTokens(t, a, b)
 	})
+	t.Run("token limits", func(t *testing.T) {
+		r, a, b := pair(t)
+		replicaLimits(t, r, a, b)
+	})
 	t.Run("soak", func(t *testing.T) { replicaSoak(t, bin) })
 	t.Run("scaling", func(t *testing.T) { replicaScaling(t, bin) })
 
@@ -895,5 +899,86 @@ func replicaTokens(t *testing.T, a, b *replicaProc) {
 	want := float64(row.Input)*1000/1e6 + float64(row.Output)*2000/1e6
 	if row.Cost == nil || row.Input == 0 || math.Abs(*row.Cost-want) > 1e-9 {
 		t.Fatalf("B's row after A's price PUT: %+v, want cost %v", row, want)
+	}
+}
+
+// replicaLimits: a token's rpm and spend limits hold across replicas
+// exactly, and each replica enforces them alone while Redis is away.
+func replicaLimits(t *testing.T, r *testRedis, a, b *replicaProc) {
+	up := newFakeUpstream(t, "up")
+	ta, tb := a.login(), b.login()
+	a.create(ta, channelJSON("lim", up.URL, "zz-lim"))
+	table := `{"as_of":"2026-12-01","prices":[{"model":"zz-lim","input":1000,"output":1000,"cache_write_5m":0,"cache_write_1h":0,"cache_read":0}]}`
+	if st, body := a.admin(ta, "PUT", "/admin/prices", table); st != 200 {
+		t.Fatalf("PUT prices: %d %s", st, body)
+	}
+	newToken := func(name, limits string) string {
+		t.Helper()
+		st, body := a.admin(ta, "POST", "/admin/tokens", `{"name":"`+name+`","limits":`+limits+`}`)
+		if st != 201 {
+			t.Fatalf("create %s: %d %s", name, st, body)
+		}
+		var v struct{ Token string }
+		json.Unmarshal(body, &v)
+		until(t, "B has token "+name, time.Second, func() bool {
+			_, body := b.admin(tb, "GET", "/admin/tokens", "")
+			return strings.Contains(string(body), `"name":"`+name+`"`)
+		})
+		return v.Token
+	}
+	until(t, "B has the channel and the prices", time.Second, func() bool {
+		_, body := b.admin(tb, "GET", "/admin/prices", "")
+		return len(b.channels(tb)) == 1 && strings.Contains(string(body), "zz-lim")
+	})
+	// admitted sends n requests with tok through p and counts the 200s;
+	// every other answer must be the named limit's 429.
+	admitted := func(p *replicaProc, tok, limit string, n int) int {
+		t.Helper()
+		ok := 0
+		for range n {
+			switch st, body := p.askAs(tok, "zz-lim"); {
+			case st == 200:
+				ok++
+			case st != 429 || !strings.Contains(string(body), limit):
+				t.Fatalf("%s: %d %s; want 200 or a 429 for %s", p.name, st, body, limit)
+			}
+		}
+		return ok
+	}
+
+	// rpm 3 across both: exactly three of eight requests, alternating.
+	rpm := newToken("rpm3", `{"rpm":3}`)
+	ok := 0
+	for i := range 8 {
+		ok += admitted([]*replicaProc{a, b}[i%2], rpm, "rpm limit", 1)
+	}
+	if ok != 3 {
+		t.Fatalf("rpm 3 over two replicas admitted %d of 8", ok)
+	}
+
+	// A daily spend of a millionth of a dollar: one request on A spends
+	// it, and B, which never served the token, refuses the next.
+	spend := newToken("spend", `{"daily_usd":0.000001}`)
+	if n := admitted(a, spend, "daily_usd", 1); n != 1 {
+		t.Fatal("A refused the first request under a spend limit")
+	}
+	until(t, "B refuses once A spent the limit", time.Second, func() bool {
+		st, _ := b.askAs(spend, "zz-lim")
+		return st == 429
+	})
+	served := up.count()
+	if admitted(a, spend, "daily_usd", 1)+admitted(b, spend, "daily_usd", 1) != 0 || up.count() != served {
+		t.Fatal("a spent token was served")
+	}
+
+	// Redis away: each replica enforces its limits alone, so the total
+	// overshoots by at most one local limit per replica.
+	local := newToken("local2", `{"rpm":2}`)
+	r.stop()
+	if na, nb := admitted(a, local, "rpm limit", 4), admitted(b, local, "rpm limit", 4); na != 2 || nb != 2 {
+		t.Fatalf("with Redis down, rpm 2 admitted %d on A and %d on B; want 2 each", na, nb)
+	}
+	if admitted(a, spend, "daily_usd", 1) != 0 {
+		t.Fatal("A forgot its own spend with Redis down")
 	}
 }

@@ -407,7 +407,16 @@ func (rl *relay) admitToken(x *exchange, w http.ResponseWriter) bool {
 		}
 	}
 	now := rl.Now()
-	if ref := mt.acquire(now, rl.auth.managed.loc); ref != nil {
+	var ref *refusal
+	if rl.counters == nil {
+		ref = mt.acquire(now, rl.auth.managed.loc)
+	} else {
+		var shared bool
+		if ref, shared = rl.counters.acquire(mt, now, rl.auth.managed.loc); shared {
+			x.sharedBy = rl.counters
+		}
+	}
+	if ref != nil {
 		h := w.Header()
 		msg := ref.msg
 		if ref.reset.IsZero() {
@@ -464,6 +473,10 @@ func (x *exchange) releaseToken() {
 	if x.holds {
 		x.holds = false
 		x.client.ctr.release()
+		if x.sharedBy != nil {
+			x.sharedBy.release(x.client.rec.ID)
+			x.sharedBy = nil
+		}
 	}
 }
 
@@ -488,6 +501,9 @@ func (rl *relay) settleToken(x *exchange, e *logEntry) {
 	if x.client != nil {
 		e.TokenID = x.client.rec.ID
 		x.client.ctr.charge(x.start, rl.auth.managed.loc, e.costPico)
+		if rl.counters != nil {
+			rl.counters.charge(e.TokenID, x.start, rl.auth.managed.loc, e.costPico)
+		}
 	}
 }
 
