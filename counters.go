@@ -37,11 +37,18 @@ const (
 	concTTL = 15 * time.Minute
 	// sharedQueue bounds the charges and releases waiting to be sent.
 	sharedQueue = 4096
+	// exactRPM is the largest rpm limit counted in an exact sliding window
+	// (one sorted-set member per request of the last minute, so at most
+	// this many per token); a larger limit is counted per clock minute in
+	// one integer, which may admit up to twice the limit across a minute's
+	// edge.
+	exactRPM = 10_000
 )
 
 // admitScript admits one request of a token. KEYS: spent today, this
 // month, in total, the rpm window (a sorted set of admission times), the
-// concurrency count. ARGV: the three spend limits, the three local spends
+// concurrency count, the count of this clock minute (for an rpm limit
+// above exactRPM). ARGV: the three spend limits, the three local spends
 // (a floor: this replica's own history counts even if Redis lost its
 // data), the rpm limit, the concurrency limit (-1: none), a member name
 // unique to this admission, the concurrency TTL. It returns {0, now ms} on
@@ -58,7 +65,12 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rpm = tonumber(ARGV[7])
-if rpm >= 0 then
+local exact = rpm <= tonumber(ARGV[11])
+if rpm >= 0 and not exact then
+  if tonumber(redis.call('GET', KEYS[6]) or '0') >= rpm then
+    return {4, (math.floor(now / 60000) + 1) * 60000}
+  end
+elseif rpm >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60000)
   local n = redis.call('ZCARD', KEYS[4])
   if n >= rpm then
@@ -72,7 +84,10 @@ if conc >= 0 then
   redis.call('INCR', KEYS[5])
   redis.call('EXPIRE', KEYS[5], ARGV[10])
 end
-if rpm >= 0 then
+if rpm >= 0 and not exact then
+  redis.call('INCR', KEYS[6])
+  redis.call('PEXPIRE', KEYS[6], 120000)
+elseif rpm >= 0 then
   redis.call('ZADD', KEYS[4], now, ARGV[9])
   redis.call('PEXPIRE', KEYS[4], 61000)
 end
@@ -151,9 +166,9 @@ func (sc *sharedCounters) acquire(mt *managedToken, now time.Time, loc *time.Loc
 	defer cancel()
 	res, err := admitScript.Run(ctx, sc.client,
 		[]string{tokenKey(id, "d:"+strconv.Itoa(day)), tokenKey(id, "m:"+strconv.Itoa(month)), tokenKey(id, "t"),
-			tokenKey(id, "rpm"), tokenKey(id, "conc")},
+			tokenKey(id, "rpm"), tokenKey(id, "conc"), tokenKey(id, "rpm:"+strconv.FormatInt(now.Unix()/60, 10))},
 		mt.daily, mt.monthly, mt.total, localDay, localMonth, localTotal, mt.rpm, mt.concurrency,
-		sc.replica+":"+strconv.FormatUint(sc.seq.Add(1), 10), int64(concTTL/time.Second)).Int64Slice()
+		sc.replica+":"+strconv.FormatUint(sc.seq.Add(1), 10), int64(concTTL/time.Second), exactRPM).Int64Slice()
 	if err != nil || len(res) != 2 {
 		sc.away(now, err)
 		return mt.acquire(now, loc), false
@@ -278,7 +293,9 @@ func (sc *sharedCounters) flush(ctx context.Context, batch []counterOp) {
 	pipe := sc.client.Pipeline()
 	for _, op := range batch {
 		if op.release {
-			releaseScript.Run(ctx, pipe, []string{tokenKey(op.id, "conc")}, int64(concTTL/time.Second))
+			// Eval, not Run: in a pipeline a NOSCRIPT answer comes too late
+			// for Run's fallback, and the script is short.
+			releaseScript.Eval(ctx, pipe, []string{tokenKey(op.id, "conc")}, int64(concTTL/time.Second))
 			continue
 		}
 		d, m := tokenKey(op.id, "d:"+strconv.Itoa(op.day)), tokenKey(op.id, "m:"+strconv.Itoa(op.month))
