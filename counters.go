@@ -104,7 +104,8 @@ end
 return 0
 `)
 
-// counterOp is a charge (pico > 0) or a slot release, queued for Redis.
+// counterOp is a charge (pico > 0), a slot release, or both, queued for
+// Redis.
 type counterOp struct {
 	id         int64
 	day, month int
@@ -252,6 +253,13 @@ func (sc *sharedCounters) charge(id int64, start time.Time, loc *time.Location, 
 	sc.send(counterOp{id: id, day: day, month: month, pico: pico})
 }
 
+// settle is release and charge in one message, so a finished request
+// costs one write to Redis rather than two.
+func (sc *sharedCounters) settle(id int64, start time.Time, loc *time.Location, pico int64) {
+	day, month := periodKeys(start, loc)
+	sc.send(counterOp{id: id, day: day, month: month, pico: max(pico, 0), release: true})
+}
+
 // send never blocks: a full queue drops and counts. A dropped release is
 // undone by concTTL; a dropped charge is still in the local counters.
 func (sc *sharedCounters) send(op counterOp) {
@@ -296,6 +304,8 @@ func (sc *sharedCounters) flush(ctx context.Context, batch []counterOp) {
 			// Eval, not Run: in a pipeline a NOSCRIPT answer comes too late
 			// for Run's fallback, and the script is short.
 			releaseScript.Eval(ctx, pipe, []string{tokenKey(op.id, "conc")}, int64(concTTL/time.Second))
+		}
+		if op.pico <= 0 {
 			continue
 		}
 		d, m := tokenKey(op.id, "d:"+strconv.Itoa(op.day)), tokenKey(op.id, "m:"+strconv.Itoa(op.month))

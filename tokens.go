@@ -501,7 +501,13 @@ func (rl *relay) settleToken(x *exchange, e *logEntry) {
 	if x.client != nil {
 		e.TokenID = x.client.rec.ID
 		x.client.ctr.charge(x.start, rl.auth.managed.loc, e.costPico)
-		if rl.counters != nil {
+		switch {
+		case x.sharedBy != nil:
+			// One message gives back the Redis slot and adds the spend;
+			// releaseToken, deferred, then gives back the local slot only.
+			x.sharedBy.settle(e.TokenID, x.start, rl.auth.managed.loc, e.costPico)
+			x.sharedBy = nil
+		case rl.counters != nil:
 			rl.counters.charge(e.TokenID, x.start, rl.auth.managed.loc, e.costPico)
 		}
 	}
