@@ -423,6 +423,9 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 		}
 		a.mirror.cool = a.cool
 		a.relay.counters = newSharedCounters(a.mirror.client, cfg.Replica)
+		if a.relay.aff != nil {
+			a.relay.aff.shared = newSharedBindings(a.mirror.client, cfg.Replica, a.relay.aff.cfg.ttl())
+		}
 		a.cool.announce = a.mirror.announce
 		a.admin.sessions = clusterSessions{local: store, client: a.mirror.client, now: time.Now}
 		a.admin.replicas = a.mirror
@@ -459,6 +462,10 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 			go func() { a.mirror.publishHealth(bg); done <- struct{}{} }()
 			n++
 			go func() { a.relay.counters.run(bg); done <- struct{}{} }()
+			if a.relay.aff != nil && a.relay.aff.shared != nil {
+				n++
+				go func() { a.relay.aff.shared.run(bg, &a.relay.aff.table); done <- struct{}{} }()
+			}
 		}
 		for range n {
 			<-done

@@ -469,6 +469,10 @@ func TestReplicas(t *testing.T) {
 		r, a, b := pair(t)
 		replicaLimits(t, r, a, b)
 	})
+	t.Run("affinity", func(t *testing.T) {
+		_, a, b := pair(t)
+		replicaAffinity(t, a, b)
+	})
 	t.Run("soak", func(t *testing.T) { replicaSoak(t, bin) })
 	t.Run("scaling", func(t *testing.T) { replicaScaling(t, bin) })
 
@@ -980,5 +984,47 @@ func replicaLimits(t *testing.T, r *testRedis, a, b *replicaProc) {
 	}
 	if admitted(a, spend, "daily_usd", 1) != 0 {
 		t.Fatal("A forgot its own spend with Redis down")
+	}
+}
+
+// replicaAffinity: a session bound on A goes to the same channel on B.
+func replicaAffinity(t *testing.T, a, b *replicaProc) {
+	u1, u2 := newFakeUpstream(t, "u1"), newFakeUpstream(t, "u2")
+	ta, tb := a.login(), b.login()
+	a.create(ta, channelJSON("one", u1.URL, "claude-aff"))
+	a.create(ta, channelJSON("two", u2.URL, "claude-aff"))
+	until(t, "B has both channels", time.Second, func() bool { return len(b.channels(tb)) == 2 })
+	// turn sends one turn of session sid through p and says which upstream
+	// served it.
+	turn := func(p *replicaProc, sid string) *fakeUpstream {
+		t.Helper()
+		n1, n2 := u1.count(), u2.count()
+		st, body := p.do("POST", "/v1/messages", anthropicBody("claude-aff", false), map[string]string{
+			"Authorization": "Bearer " + replicaToken, "Anthropic-Version": "2023-06-01", "X-Claude-Code-Session-Id": sid})
+		switch {
+		case st != 200:
+			t.Fatalf("%s, session %s: %d %s", p.name, sid, st, body)
+		case u1.count() > n1 && u2.count() == n2:
+			return u1
+		case u2.count() > n2 && u1.count() == n1:
+			return u2
+		}
+		t.Fatalf("%s, session %s: served by neither or both upstreams", p.name, sid)
+		return nil
+	}
+	// Six sessions bound on A (round robin spreads them over both), then
+	// a last one whose arrival on B says the earlier ones arrived too (one
+	// publisher, in order).
+	bound := map[string]*fakeUpstream{}
+	for i := range 6 {
+		sid := fmt.Sprintf("aff-session-%d", i)
+		bound[sid] = turn(a, sid)
+	}
+	last := turn(a, "aff-session-last")
+	until(t, "B honours the binding made on A", time.Second, func() bool { return turn(b, "aff-session-last") == last })
+	for sid, up := range bound {
+		if got := turn(b, sid); got != up {
+			t.Errorf("session %s: bound to %s on A, served by %s on B", sid, up.name, got.name)
+		}
 	}
 }
