@@ -1144,6 +1144,16 @@ func tokenCommand(ctx context.Context, cfg config, args []string, stdout io.Writ
 	if err != nil {
 		return err
 	}
+	if cfg.RedisURL != "" {
+		// Several replicas: the id comes from Redis like the admin's, or a
+		// replica's reconcile would take it for another replica's token.
+		m, err := newRedisMirror(cfg.RedisURL, store)
+		if err != nil {
+			return err
+		}
+		defer m.close()
+		ts.allocID = func(ctx context.Context) (int64, error) { return m.newID(ctx, "tokens", store.maxTokenID(ctx)) }
+	}
 	switch args[0] {
 	case "list":
 		for _, mt := range ts.current().list {
