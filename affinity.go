@@ -260,6 +260,9 @@ type affinity struct {
 	cfg   affinityConfig
 	seed  maphash.Seed
 	table bindings
+	// shared sends bindings to the other replicas (sharedaffinity.go);
+	// nil: one replica.
+	shared *sharedBindings
 }
 
 // newAffinity returns nil when affinity is off: every method of a nil
@@ -302,9 +305,16 @@ func (a *affinity) route(x *exchange, h http.Header, now time.Time) {
 		return
 	}
 	s.session = id
-	s.scoped = maphash.Comparable(a.seed, sessionScope{x.token, x.proto, x.model, id})
+	if a.shared == nil {
+		s.scoped = maphash.Comparable(a.seed, sessionScope{x.token, x.proto, x.model, id})
+	} else {
+		s.scoped = stableScope(sessionScope{x.token, x.proto, x.model, id})
+	}
 	ch, k, ok := a.table.lookup(s.scoped, now.UnixNano())
 	if !ok {
+		if a.shared != nil {
+			a.shared.fetch(s.scoped)
+		}
 		return
 	}
 	s.bound, s.channel, s.key = true, ch, k
@@ -356,6 +366,9 @@ func (a *affinity) settle(x *exchange, e *logEntry, m *metrics, now time.Time) {
 	}
 	if t != nil && !x.aux {
 		a.table.bind(s.scoped, t.entry.ch.ID, t.key, now.UnixNano())
+		if a.shared != nil && r != affinityHit {
+			a.shared.share(s.scoped, t.entry.ch.ID, t.key)
+		}
 	}
 	e.Affinity = r.String()
 	m.affinity(r)

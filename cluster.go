@@ -44,8 +44,10 @@ import (
 // hot path only does a non-blocking send), sessions are keys with a TTL, and
 // each replica writes a heartbeat every few seconds.
 //
-// Extension points for work not done here: affinity bindings and token
-// spend/rpm/concurrency counters belong in clusterCounters (see there).
+// Tokens and the price table are configKinds too (clusterkinds.go); token
+// spend/rpm/concurrency counters (counters.go) and session bindings
+// (sharedaffinity.go) are shared beside this, each behind its feature's
+// local structure, so a Redis outage falls back to local state.
 
 const (
 	cfgVersionKey = "ccload:cfg:version"
@@ -85,6 +87,9 @@ type configKind struct {
 	// change runs write serialized with the kind's local writes (the admin
 	// API) and reloads whatever serves from the items afterwards.
 	change func(ctx context.Context, write func() error) error
+	// floor, if set, is the highest id this replica has used: the kind's
+	// ids come from Redis (newID), and a block is kept for outages.
+	floor func(ctx context.Context) int64
 }
 
 // channelKind shares the channel set. change is admin.changeChannels when
@@ -94,7 +99,8 @@ func channelKind(s *Store, change func(ctx context.Context, write func() error) 
 		change = func(_ context.Context, write func() error) error { return write() }
 	}
 	return &configKind{
-		name: "channels",
+		name:  "channels",
+		floor: s.maxChannelID,
 		list: func(ctx context.Context) (map[int64][]byte, error) {
 			chs, err := s.ListChannels(ctx)
 			if err != nil {
@@ -836,14 +842,6 @@ func (m *redisMirror) replicas(ctx context.Context) ([]replicaInfo, error) {
 	})
 	return out, nil
 }
-
-// Extension point, not done here: affinity bindings and token spend, rpm
-// and concurrency counters are shared the same way once their features
-// exist (they are being written beside this). The intended shape: INCRBY
-// for spend, a Lua check-and-increment for rpm and concurrency, SET with a
-// TTL for bindings, on m.client, each behind the feature's own local
-// structure so that a Redis outage falls back to local counting (the
-// overshoot is then at most one local limit per replica).
 
 // sessionStore returns where admin sessions live: shared through Redis with
 // several replicas, else the database.

@@ -416,8 +416,16 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 	if a.mirror != nil {
 		// Shared with the other replicas (cluster.go): channels through the
 		// admin's own write path, cooldowns, sessions.
-		a.mirror.kinds = []*configKind{channelKind(store, a.admin.changeChannels)}
+		a.mirror.kinds = sharedKinds(store, a.admin.changeChannels, a.tokens, a.prices)
+		a.tokens.onChange, a.prices.onChange = a.mirror.notify, a.mirror.notify
+		a.tokens.allocID = func(ctx context.Context) (int64, error) {
+			return a.mirror.newID(ctx, "tokens", store.maxTokenID(ctx))
+		}
 		a.mirror.cool = a.cool
+		a.relay.counters = newSharedCounters(a.mirror.client, cfg.Replica)
+		if a.relay.aff != nil {
+			a.relay.aff.shared = newSharedBindings(a.mirror.client, cfg.Replica, a.relay.aff.cfg.ttl())
+		}
 		a.cool.announce = a.mirror.announce
 		a.admin.sessions = clusterSessions{local: store, client: a.mirror.client, now: time.Now}
 		a.admin.replicas = a.mirror
@@ -452,6 +460,12 @@ func newApp(ctx context.Context, cfg config, stderr io.Writer) (*app, error) {
 			n += 2
 			go func() { a.mirror.watch(bg); done <- struct{}{} }()
 			go func() { a.mirror.publishHealth(bg); done <- struct{}{} }()
+			n++
+			go func() { a.relay.counters.run(bg); done <- struct{}{} }()
+			if a.relay.aff != nil && a.relay.aff.shared != nil {
+				n++
+				go func() { a.relay.aff.shared.run(bg, &a.relay.aff.table); done <- struct{}{} }()
+			}
 		}
 		for range n {
 			<-done

@@ -349,8 +349,13 @@ func (m *redisMirror) sync(ctx context.Context) error {
 		}
 	}
 	m.seen.Store(ver)
-	if err := m.reserveIDs(ctx, "channels", m.store.maxChannelID(ctx)); err != nil {
-		return err
+	for _, k := range m.kinds {
+		if k.floor == nil {
+			continue
+		}
+		if err := m.reserveIDs(ctx, k.name, k.floor(ctx)); err != nil {
+			return err
+		}
 	}
 	// gen was read before this read of the database, so the write below
 	// covers every change counted in it.

@@ -175,6 +175,9 @@ type prices struct {
 	book  atomic.Pointer[priceBook]
 	store *Store
 	mu    sync.Mutex // serializes edits: store write, then swap
+	// onChange tells the mirror's writer the table changed (several
+	// replicas, clusterkinds.go); nil: one replica.
+	onChange func()
 }
 
 const pricesSetting = "prices"
@@ -219,6 +222,9 @@ func (p *prices) replace(ctx context.Context, t priceTable) (*priceBook, error) 
 		return nil, fmt.Errorf("store prices: %w", err)
 	}
 	p.book.Store(b)
+	if p.onChange != nil {
+		p.onChange()
+	}
 	return b, nil
 }
 

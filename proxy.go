@@ -35,6 +35,7 @@ type relay struct {
 	prices   *prices           // nil: nothing is priced
 	upstream http.RoundTripper // the real transport to the channels
 	aff      *affinity         // nil when off
+	counters *sharedCounters   // token limits shared through Redis (counters.go); nil: one replica
 	Now      func() time.Time
 
 	proxy    *httputil.ReverseProxy
@@ -232,8 +233,9 @@ type exchange struct {
 	probe     bool // an admin's channel test: failures cool nothing
 	stream    bool
 	token     string
-	client    *managedToken // the managed token it came with; nil for CCLOAD_AUTH or open mode
-	holds     bool          // client's concurrency slot is taken (see settleToken)
+	client    *managedToken   // the managed token it came with; nil for CCLOAD_AUTH or open mode
+	holds     bool            // client's concurrency slot is taken (see settleToken)
+	sharedBy  *sharedCounters // its slot is also held in Redis; nil: not
 	clientIP  string
 	model     string
 	gemAction string // gemini: the action after the model in the path

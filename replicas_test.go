@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -460,6 +461,18 @@ func TestReplicas(t *testing.T) {
 		t.Logf("replica started during the outage caught up %v after Redis returned", d)
 	})
 
+	t.Run("tokens and prices", func(t *testing.T) {
+		_, a, b := pair(t)
+		replicaTokens(t, a, b)
+	})
+	t.Run("token limits", func(t *testing.T) {
+		r, a, b := pair(t)
+		replicaLimits(t, r, a, b)
+	})
+	t.Run("affinity", func(t *testing.T) {
+		_, a, b := pair(t)
+		replicaAffinity(t, a, b)
+	})
 	t.Run("soak", func(t *testing.T) { replicaSoak(t, bin) })
 	t.Run("scaling", func(t *testing.T) { replicaScaling(t, bin) })
 
@@ -750,4 +763,268 @@ func scalingQuota() int {
 		return n
 	}
 	return 30000
+}
+
+// askAs sends one Anthropic request for model with a client token.
+func (p *replicaProc) askAs(token, model string) (int, []byte) {
+	p.t.Helper()
+	return p.do("POST", "/v1/messages", anthropicBody(model, false),
+		map[string]string{"Authorization": "Bearer " + token, "Anthropic-Version": "2023-06-01"})
+}
+
+// replicaLog is the newest row of the replica's request log for model,
+// once there is one.
+func replicaLog(t *testing.T, p *replicaProc, tok, model string, want int) clientLogRowCost {
+	t.Helper()
+	var row clientLogRowCost
+	until(t, p.name+" logged the request", 5*time.Second, func() bool {
+		_, body := p.admin(tok, "GET", "/admin/logs?limit=1000", "")
+		var page struct{ Logs []clientLogRowCost }
+		json.Unmarshal(body, &page)
+		n := 0
+		for _, r := range page.Logs {
+			if r.Model == model {
+				if n == 0 {
+					row = r
+				}
+				n++
+			}
+		}
+		return n >= want
+	})
+	return row
+}
+
+type clientLogRowCost struct {
+	Model  string   `json:"model"`
+	Token  string   `json:"token"`
+	Input  int64    `json:"input_tokens"`
+	Output int64    `json:"output_tokens"`
+	Cost   *float64 `json:"cost_usd"`
+}
+
+// replicaTokens: managed tokens and the price table are shared config.
+func replicaTokens(t *testing.T, a, b *replicaProc) {
+	up := newFakeUpstream(t, "up")
+	ta, tb := a.login(), b.login()
+	a.create(ta, channelJSON("tok", up.URL, "zz-priced"))
+	until(t, "B has the channel", time.Second, func() bool { return len(b.channels(tb)) == 1 })
+
+	// Created on A, accepted by B within a second.
+	st, body := a.admin(ta, "POST", "/admin/tokens", `{"name":"shared"}`)
+	if st != 201 {
+		t.Fatalf("create token on A: %d %s", st, body)
+	}
+	var tok struct {
+		ID    int64
+		Token string
+	}
+	json.Unmarshal(body, &tok)
+	if st, _ := b.askAs("sk-ccl-not-a-token", "zz-priced"); st != 401 {
+		t.Fatalf("B accepted an unknown token: %d", st)
+	}
+	d := until(t, "B accepts the token created on A", time.Second, func() bool {
+		st, _ := b.askAs(tok.Token, "zz-priced")
+		return st == 200
+	})
+	t.Logf("token created on A → accepted by B after %v", d)
+
+	// Disabled on B, refused on A.
+	id := strconv.FormatInt(tok.ID, 10)
+	if st, body := b.admin(tb, "PUT", "/admin/tokens/"+id, `{"enabled":false}`); st != 200 {
+		t.Fatalf("disable on B: %d %s", st, body)
+	}
+	until(t, "A refuses the token disabled on B", time.Second, func() bool {
+		st, _ := a.askAs(tok.Token, "zz-priced")
+		return st != 200
+	})
+	served := up.count()
+	if st, _ := a.askAs(tok.Token, "zz-priced"); st == 200 || up.count() != served {
+		t.Fatalf("A still serves a disabled token: %d", st)
+	}
+
+	// Tokens created on both at once get distinct ids, listed on both.
+	var wg sync.WaitGroup
+	ids := make([]int64, 6)
+	for i := range ids {
+		p, at := a, ta
+		if i%2 == 1 {
+			p, at = b, tb
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, body := p.admin(at, "POST", "/admin/tokens", fmt.Sprintf(`{"name":"t%d"}`, i))
+			if st != 201 {
+				t.Errorf("create t%d on %s: %d %s", i, p.name, st, body)
+			}
+			var v struct{ ID int64 }
+			json.Unmarshal(body, &v)
+			ids[i] = v.ID
+		}()
+	}
+	wg.Wait()
+	if slices.Sort(ids); len(slices.Compact(slices.Clone(ids))) != len(ids) || ids[0] == tok.ID {
+		t.Fatalf("token ids collide: %v (first token %d)", ids, tok.ID)
+	}
+	count := func(p *replicaProc, at string) int {
+		_, body := p.admin(at, "GET", "/admin/tokens", "")
+		var l []struct{ Source string }
+		json.Unmarshal(body, &l)
+		n := 0
+		for _, v := range l {
+			if v.Source == "db" {
+				n++
+			}
+		}
+		return n
+	}
+	until(t, "both list the 7 tokens", 2*time.Second, func() bool { return count(a, ta) == 7 && count(b, tb) == 7 })
+
+	// Prices PUT on A price B's log rows.
+	if st, body := b.ask("zz-priced"); st != 200 {
+		t.Fatalf("B: %d %s", st, body)
+	}
+	if row := replicaLog(t, b, tb, "zz-priced", 2); row.Cost != nil {
+		t.Fatalf("B priced a model no table names: %+v", row)
+	}
+	table := `{"as_of":"2026-12-01","prices":[{"model":"zz-priced","input":1000,"output":2000,"cache_write_5m":0,"cache_write_1h":0,"cache_read":0}]}`
+	if st, body := a.admin(ta, "PUT", "/admin/prices", table); st != 200 {
+		t.Fatalf("PUT prices on A: %d %s", st, body)
+	}
+	until(t, "B has A's price table", time.Second, func() bool {
+		_, body := b.admin(tb, "GET", "/admin/prices", "")
+		return strings.Contains(string(body), `"zz-priced"`)
+	})
+	if st, body := b.ask("zz-priced"); st != 200 {
+		t.Fatalf("B: %d %s", st, body)
+	}
+	row := replicaLog(t, b, tb, "zz-priced", 3)
+	want := float64(row.Input)*1000/1e6 + float64(row.Output)*2000/1e6
+	if row.Cost == nil || row.Input == 0 || math.Abs(*row.Cost-want) > 1e-9 {
+		t.Fatalf("B's row after A's price PUT: %+v, want cost %v", row, want)
+	}
+}
+
+// replicaLimits: a token's rpm and spend limits hold across replicas
+// exactly, and each replica enforces them alone while Redis is away.
+func replicaLimits(t *testing.T, r *testRedis, a, b *replicaProc) {
+	up := newFakeUpstream(t, "up")
+	ta, tb := a.login(), b.login()
+	a.create(ta, channelJSON("lim", up.URL, "zz-lim"))
+	table := `{"as_of":"2026-12-01","prices":[{"model":"zz-lim","input":1000,"output":1000,"cache_write_5m":0,"cache_write_1h":0,"cache_read":0}]}`
+	if st, body := a.admin(ta, "PUT", "/admin/prices", table); st != 200 {
+		t.Fatalf("PUT prices: %d %s", st, body)
+	}
+	newToken := func(name, limits string) string {
+		t.Helper()
+		st, body := a.admin(ta, "POST", "/admin/tokens", `{"name":"`+name+`","limits":`+limits+`}`)
+		if st != 201 {
+			t.Fatalf("create %s: %d %s", name, st, body)
+		}
+		var v struct{ Token string }
+		json.Unmarshal(body, &v)
+		until(t, "B has token "+name, time.Second, func() bool {
+			_, body := b.admin(tb, "GET", "/admin/tokens", "")
+			return strings.Contains(string(body), `"name":"`+name+`"`)
+		})
+		return v.Token
+	}
+	until(t, "B has the channel and the prices", time.Second, func() bool {
+		_, body := b.admin(tb, "GET", "/admin/prices", "")
+		return len(b.channels(tb)) == 1 && strings.Contains(string(body), "zz-lim")
+	})
+	// admitted sends n requests with tok through p and counts the 200s;
+	// every other answer must be the named limit's 429.
+	admitted := func(p *replicaProc, tok, limit string, n int) int {
+		t.Helper()
+		ok := 0
+		for range n {
+			switch st, body := p.askAs(tok, "zz-lim"); {
+			case st == 200:
+				ok++
+			case st != 429 || !strings.Contains(string(body), limit):
+				t.Fatalf("%s: %d %s; want 200 or a 429 for %s", p.name, st, body, limit)
+			}
+		}
+		return ok
+	}
+
+	// rpm 3 across both: exactly three of eight requests, alternating.
+	rpm := newToken("rpm3", `{"rpm":3}`)
+	ok := 0
+	for i := range 8 {
+		ok += admitted([]*replicaProc{a, b}[i%2], rpm, "rpm limit", 1)
+	}
+	if ok != 3 {
+		t.Fatalf("rpm 3 over two replicas admitted %d of 8", ok)
+	}
+
+	// A daily spend of a millionth of a dollar: one request on A spends
+	// it, and B, which never served the token, refuses the next.
+	spend := newToken("spend", `{"daily_usd":0.000001}`)
+	if n := admitted(a, spend, "daily_usd", 1); n != 1 {
+		t.Fatal("A refused the first request under a spend limit")
+	}
+	until(t, "B refuses once A spent the limit", time.Second, func() bool {
+		st, _ := b.askAs(spend, "zz-lim")
+		return st == 429
+	})
+	served := up.count()
+	if admitted(a, spend, "daily_usd", 1)+admitted(b, spend, "daily_usd", 1) != 0 || up.count() != served {
+		t.Fatal("a spent token was served")
+	}
+
+	// Redis away: each replica enforces its limits alone, so the total
+	// overshoots by at most one local limit per replica.
+	local := newToken("local2", `{"rpm":2}`)
+	r.stop()
+	if na, nb := admitted(a, local, "rpm limit", 4), admitted(b, local, "rpm limit", 4); na != 2 || nb != 2 {
+		t.Fatalf("with Redis down, rpm 2 admitted %d on A and %d on B; want 2 each", na, nb)
+	}
+	if admitted(a, spend, "daily_usd", 1) != 0 {
+		t.Fatal("A forgot its own spend with Redis down")
+	}
+}
+
+// replicaAffinity: a session bound on A goes to the same channel on B.
+func replicaAffinity(t *testing.T, a, b *replicaProc) {
+	u1, u2 := newFakeUpstream(t, "u1"), newFakeUpstream(t, "u2")
+	ta, tb := a.login(), b.login()
+	a.create(ta, channelJSON("one", u1.URL, "claude-aff"))
+	a.create(ta, channelJSON("two", u2.URL, "claude-aff"))
+	until(t, "B has both channels", time.Second, func() bool { return len(b.channels(tb)) == 2 })
+	// turn sends one turn of session sid through p and says which upstream
+	// served it.
+	turn := func(p *replicaProc, sid string) *fakeUpstream {
+		t.Helper()
+		n1, n2 := u1.count(), u2.count()
+		st, body := p.do("POST", "/v1/messages", anthropicBody("claude-aff", false), map[string]string{
+			"Authorization": "Bearer " + replicaToken, "Anthropic-Version": "2023-06-01", "X-Claude-Code-Session-Id": sid})
+		switch {
+		case st != 200:
+			t.Fatalf("%s, session %s: %d %s", p.name, sid, st, body)
+		case u1.count() > n1 && u2.count() == n2:
+			return u1
+		case u2.count() > n2 && u1.count() == n1:
+			return u2
+		}
+		t.Fatalf("%s, session %s: served by neither or both upstreams", p.name, sid)
+		return nil
+	}
+	// Six sessions bound on A (round robin spreads them over both), then
+	// a last one whose arrival on B says the earlier ones arrived too (one
+	// publisher, in order).
+	bound := map[string]*fakeUpstream{}
+	for i := range 6 {
+		sid := fmt.Sprintf("aff-session-%d", i)
+		bound[sid] = turn(a, sid)
+	}
+	last := turn(a, "aff-session-last")
+	until(t, "B honours the binding made on A", time.Second, func() bool { return turn(b, "aff-session-last") == last })
+	for sid, up := range bound {
+		if got := turn(b, sid); got != up {
+			t.Errorf("session %s: bound to %s on A, served by %s on B", sid, up.name, got.name)
+		}
+	}
 }

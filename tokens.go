@@ -98,6 +98,12 @@ type tokenSet struct {
 	now   func() time.Time
 	env   []clientToken // CCLOAD_AUTH, listed read-only
 
+	// With several replicas (clusterkinds.go): allocID gives a new token
+	// its id, onChange tells the mirror's writer a token changed. nil: one
+	// replica.
+	allocID  func(ctx context.Context) (int64, error)
+	onChange func()
+
 	snap atomic.Pointer[tokenSnapshot]
 	mu   sync.Mutex // serializes writes with the reload after each; guards ctrs
 	ctrs map[int64]*tokenCounters
@@ -136,6 +142,17 @@ func (ts *tokenSet) change(ctx context.Context, write func() error) error {
 		}
 	}
 	return ts.reloadLocked(ctx)
+}
+
+// edit is change for a local edit: the other replicas are told.
+func (ts *tokenSet) edit(ctx context.Context, write func() error) error {
+	if err := ts.change(ctx, write); err != nil {
+		return err
+	}
+	if ts.onChange != nil {
+		ts.onChange()
+	}
+	return nil
 }
 
 // reloadLocked rebuilds the snapshot. ts.mu must be held.
@@ -390,7 +407,16 @@ func (rl *relay) admitToken(x *exchange, w http.ResponseWriter) bool {
 		}
 	}
 	now := rl.Now()
-	if ref := mt.acquire(now, rl.auth.managed.loc); ref != nil {
+	var ref *refusal
+	if rl.counters == nil {
+		ref = mt.acquire(now, rl.auth.managed.loc)
+	} else {
+		var shared bool
+		if ref, shared = rl.counters.acquire(mt, now, rl.auth.managed.loc); shared {
+			x.sharedBy = rl.counters
+		}
+	}
+	if ref != nil {
 		h := w.Header()
 		msg := ref.msg
 		if ref.reset.IsZero() {
@@ -470,6 +496,10 @@ func (x *exchange) releaseToken() {
 	if x.holds {
 		x.holds = false
 		x.client.ctr.release()
+		if x.sharedBy != nil {
+			x.sharedBy.release(x.client.rec.ID)
+			x.sharedBy = nil
+		}
 	}
 }
 
@@ -494,6 +524,15 @@ func (rl *relay) settleToken(x *exchange, e *logEntry) {
 	if x.client != nil {
 		e.TokenID = x.client.rec.ID
 		x.client.ctr.charge(x.start, rl.auth.managed.loc, e.costPico)
+		switch {
+		case x.sharedBy != nil:
+			// One message gives back the Redis slot and adds the spend;
+			// releaseToken, deferred, then gives back the local slot only.
+			x.sharedBy.settle(e.TokenID, x.start, rl.auth.managed.loc, e.costPico)
+			x.sharedBy = nil
+		case rl.counters != nil:
+			rl.counters.charge(e.TokenID, x.start, rl.auth.managed.loc, e.costPico)
+		}
 	}
 }
 
@@ -565,9 +604,13 @@ func tokenWriteError(t *tokenRecord, err error) error {
 func (s *Store) createToken(ctx context.Context, t *tokenRecord) error {
 	now := s.now()
 	exp, models, channels, limits := tokenArgs(t)
-	res, err := s.db.ExecContext(ctx, `INSERT INTO tokens (name, token_hash, hint, enabled, expires_at, models,
-		channels, limits, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		t.Name, t.hash, t.Hint, t.Enabled, exp, models, channels, limits, now, now)
+	var id any // 0: the database picks
+	if t.ID != 0 {
+		id = t.ID
+	}
+	res, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, name, token_hash, hint, enabled, expires_at, models,
+		channels, limits, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		id, t.Name, t.hash, t.Hint, t.Enabled, exp, models, channels, limits, now, now)
 	if err != nil {
 		return tokenWriteError(t, err)
 	}
@@ -870,7 +913,14 @@ func (ts *tokenSet) create(ctx context.Context, in *tokenInput) (tokenView, erro
 	}
 	secret := newTokenSecret()
 	t.hash, t.Hint = tokenHash(secret), maskKey(secret)
-	if err := ts.change(ctx, func() error { return ts.store.createToken(ctx, &t) }); err != nil {
+	if ts.allocID != nil {
+		id, err := ts.allocID(ctx)
+		if err != nil {
+			return tokenView{}, err
+		}
+		t.ID = id
+	}
+	if err := ts.edit(ctx, func() error { return ts.store.createToken(ctx, &t) }); err != nil {
 		return tokenView{}, err
 	}
 	v := ts.byID(t.ID)
@@ -967,7 +1017,7 @@ func (ts *tokenSet) handleUpdate() http.Handler {
 				return fmt.Errorf("a CCLOAD_AUTH token is named %q: %w", t.Name, errDuplicate)
 			}
 		}
-		if err := ts.change(r.Context(), func() error { return ts.store.updateToken(r.Context(), &t) }); err != nil {
+		if err := ts.edit(r.Context(), func() error { return ts.store.updateToken(r.Context(), &t) }); err != nil {
 			return err
 		}
 		writeJSON(w, http.StatusOK, ts.byID(id))
@@ -981,7 +1031,7 @@ func (ts *tokenSet) handleDelete() http.Handler {
 		if err != nil {
 			return err
 		}
-		if err := ts.change(r.Context(), func() error { return ts.store.deleteToken(r.Context(), id) }); err != nil {
+		if err := ts.edit(r.Context(), func() error { return ts.store.deleteToken(r.Context(), id) }); err != nil {
 			return err
 		}
 		writeJSON(w, http.StatusOK, map[string]bool{"ok": true})
@@ -1089,6 +1139,8 @@ func (ts *tokenSet) watch(ctx context.Context, interval time.Duration) {
 			if last != "" && mark != last {
 				if err := ts.change(ctx, nil); err != nil && ctx.Err() == nil {
 					slog.Error("reload client tokens", "err", err)
+				} else if ts.onChange != nil {
+					ts.onChange() // the CLI's edit reaches the other replicas too
 				}
 			}
 			last = mark
@@ -1121,6 +1173,16 @@ func tokenCommand(ctx context.Context, cfg config, args []string, stdout io.Writ
 	ts, err := newTokenSet(ctx, store, store.TZ, nil)
 	if err != nil {
 		return err
+	}
+	if cfg.RedisURL != "" {
+		// Several replicas: the id comes from Redis like the admin's, or a
+		// replica's reconcile would take it for another replica's token.
+		m, err := newRedisMirror(cfg.RedisURL, store)
+		if err != nil {
+			return err
+		}
+		defer m.close()
+		ts.allocID = func(ctx context.Context) (int64, error) { return m.newID(ctx, "tokens", store.maxTokenID(ctx)) }
 	}
 	switch args[0] {
 	case "list":
