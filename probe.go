@@ -83,7 +83,7 @@ func (rl *relay) probe(ctx context.Context, c Channel, k int, model string) test
 		path, body = "/v1/messages", `{"model":`+string(q)+`,"max_tokens":8,"messages":[{"role":"user","content":"ping"}]}`
 	}
 	x := &exchange{start: rl.Now(), proto: p, probe: true, served: -1, model: model,
-		responses: p == protoOpenAI, body: []byte(body)}
+		responses: p == protoOpenAI, body: []byte(body), path: path}
 	x.tries = x.tryBuf[:0]
 	if p == protoGemini {
 		x.gemAction = "generateContent"

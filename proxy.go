@@ -437,10 +437,10 @@ func (rl *relay) rewrite(pr *httputil.ProxyRequest) {
 // prepare points req at channel e with key k and gives it a fresh body.
 func (rl *relay) prepare(req *http.Request, x *exchange, e *channelEntry, k int) {
 	x.sent = sentBody{body: x.body}
+	// The client's path as admit checked it, never req.URL.Path: the first
+	// attempt's request shares its URL with ReverseProxy's, so a retry
+	// would find the previous channel's base path already in front.
 	path := x.path
-	if path == "" {
-		path = req.URL.Path // a probe's own path
-	}
 	if m := e.upstreamModel(x.model); m != x.model {
 		if x.proto == protoGemini {
 			path = "/v1beta/models/" + m + ":" + x.gemAction

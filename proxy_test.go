@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1558,5 +1559,26 @@ func TestExpiredCooldownTriedByOneRequestAtATime(t *testing.T) {
 	}
 	if served["a"] != 1 || served["b"] != 3 {
 		t.Errorf("log rows by channel %v; want a 1 (the last try), b 3", served)
+	}
+}
+
+// Every attempt goes to its channel's base path plus the client's path: the
+// first attempt's rewrite once leaked into the next key's and channel's
+// (/relay/relay/v1/messages, /other/relay/v1/messages).
+func TestRetriesKeepEachChannelsBasePath(t *testing.T) {
+	e := newTestEnv(t)
+	bad, good := newFakeUpstream(t, "bad"), newFakeUpstream(t, "good")
+	bad.set(fakeBehavior{Status: 401})
+	e.addChannel(Channel{Name: "a", URL: bad.URL + "/relay", APIKeys: []string{"k0-0000000", "k1-1111111"}, Priority: 10})
+	e.addChannel(Channel{Name: "b", URL: good.URL + "/other", Priority: 1})
+	if resp, body := e.post("/v1/messages", anthropicBody("m", false)); resp.StatusCode != 200 {
+		t.Fatalf("status %d %s", resp.StatusCode, body)
+	}
+	var paths []string
+	for _, r := range append(bad.requests(), good.requests()...) {
+		paths = append(paths, r.Path)
+	}
+	if want := []string{"/relay/v1/messages", "/relay/v1/messages", "/other/v1/messages"}; !slices.Equal(paths, want) {
+		t.Errorf("upstream paths %q; want %q", paths, want)
 	}
 }
