@@ -804,26 +804,21 @@ func (s *Store) Stats(ctx context.Context, since time.Time, names map[int64]stri
 	if err := rows.Err(); err != nil {
 		return nil, nil, err
 	}
-	collect := func(rs []*statsRow) []statsRow {
-		out := make([]statsRow, 0, len(rs))
-		for _, r := range rs {
-			r.finish()
-			out = append(out, *r)
-		}
-		slices.SortFunc(out, func(a, b statsRow) int {
-			return cmp.Or(cmp.Compare(b.Requests, a.Requests), cmp.Compare(a.sortKey(), b.sortKey()))
-		})
-		return out
+	return collectStats(byChannel), collectStats(byModel), nil
+}
+
+// collectStats finishes the rows of one grouping and orders them: most
+// requests first, then by name.
+func collectStats[K comparable](rows map[K]*statsRow) []statsRow {
+	out := make([]statsRow, 0, len(rows))
+	for _, r := range rows {
+		r.finish()
+		out = append(out, *r)
 	}
-	chs := make([]*statsRow, 0, len(byChannel))
-	for _, r := range byChannel {
-		chs = append(chs, r)
-	}
-	ms := make([]*statsRow, 0, len(byModel))
-	for _, r := range byModel {
-		ms = append(ms, r)
-	}
-	return collect(chs), collect(ms), nil
+	slices.SortFunc(out, func(a, b statsRow) int {
+		return cmp.Or(cmp.Compare(b.Requests, a.Requests), cmp.Compare(a.sortKey(), b.sortKey()))
+	})
+	return out
 }
 
 func (r statsRow) sortKey() string {

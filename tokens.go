@@ -1296,29 +1296,7 @@ func (s *Store) StatsForToken(ctx context.Context, since time.Time, tokenID int6
 	if err := rows.Err(); err != nil {
 		return nil, nil, err
 	}
-	collect := func(rs []*statsRow) []statsRow {
-		out := make([]statsRow, 0, len(rs))
-		for _, r := range rs {
-			r.finish()
-			out = append(out, *r)
-		}
-		slices.SortFunc(out, func(a, b statsRow) int {
-			if a.Requests != b.Requests {
-				return int(b.Requests - a.Requests)
-			}
-			return strings.Compare(a.sortKey(), b.sortKey())
-		})
-		return out
-	}
-	chs := make([]*statsRow, 0, len(byChannel))
-	for _, r := range byChannel {
-		chs = append(chs, r)
-	}
-	ms := make([]*statsRow, 0, len(byModel))
-	for _, r := range byModel {
-		ms = append(ms, r)
-	}
-	return collect(chs), collect(ms), nil
+	return collectStats(byChannel), collectStats(byModel), nil
 }
 
 // TrendsForToken is Trends for one token, from its hourly rollups.
