@@ -693,15 +693,8 @@ func (m *redisMirror) applyHealth(payload string) {
 func (c *cooldowns) applyRemote(h *channelHealth, r cooldownRecord) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	var s *coolSlot
-	switch {
-	case r.Model != "":
-		s = h.modelSlotLocked(r.Model)
-	case r.KeyIndex >= 0 && r.KeyIndex < len(h.keys):
-		s = &h.keys[r.KeyIndex]
-	case r.KeyIndex < 0:
-		s = &h.ch
-	default:
+	s := h.slotFor(r)
+	if s == nil {
 		return
 	}
 	s.failures, s.reason, s.status = r.Failures, r.Reason, r.Status

@@ -427,16 +427,7 @@ func (c *cooldowns) restore(recs []cooldownRecord) int {
 			continue
 		}
 		h.mu.Lock()
-		var s *coolSlot
-		switch {
-		case r.Model != "":
-			s = h.modelSlotLocked(r.Model)
-		case r.KeyIndex >= 0 && r.KeyIndex < len(h.keys):
-			s = &h.keys[r.KeyIndex]
-		case r.KeyIndex < 0:
-			s = &h.ch
-		}
-		if s != nil {
+		if s := h.slotFor(r); s != nil {
 			s.failures, s.reason, s.status = r.Failures, r.Reason, r.Status
 			s.until.Store(r.Until.UnixNano())
 			n++
@@ -444,6 +435,20 @@ func (c *cooldowns) restore(recs []cooldownRecord) int {
 		h.mu.Unlock()
 	}
 	return n
+}
+
+// slotFor is the slot a stored or announced record describes, nil when its
+// key index is out of range. The caller holds h.mu.
+func (h *channelHealth) slotFor(r cooldownRecord) *coolSlot {
+	switch {
+	case r.Model != "":
+		return h.modelSlotLocked(r.Model)
+	case r.KeyIndex >= 0 && r.KeyIndex < len(h.keys):
+		return &h.keys[r.KeyIndex]
+	case r.KeyIndex < 0:
+		return &h.ch
+	}
+	return nil
 }
 
 // modelSlotLocked returns the slot for model, creating it. h.mu must be held.

@@ -857,15 +857,22 @@ func cacheHitRatio(in, read, write int64) float64 {
 // Trends returns hourly buckets for the hours ending with the current one,
 // every hour present, zeros included.
 func (s *Store) Trends(ctx context.Context, now time.Time, hours int) ([]trendBucket, error) {
+	first := windowStart(now, hours).UnixMilli()
+	return s.trends(ctx, now, hours, `SELECT (hour - ?) / 3600000, sum(requests), sum(ok), sum(duration_ms),
+		sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_pico)
+		FROM log_hourly WHERE hour >= ? GROUP BY hour`, first, first)
+}
+
+// trends fills hours buckets ending at now from query, whose rows are
+// (bucket index, requests, ok, duration_ms, input, output, cache read,
+// cache write, cost_pico); Trends and TrendsForToken differ only in it.
+func (s *Store) trends(ctx context.Context, now time.Time, hours int, query string, args ...any) ([]trendBucket, error) {
 	first := windowStart(now, hours)
 	buckets := make([]trendBucket, hours)
 	for i := range buckets {
 		buckets[i].Start = first.Add(time.Duration(i) * time.Hour)
 	}
-	rows, err := s.rdb.QueryContext(ctx, `SELECT (hour - ?) / 3600000, sum(requests), sum(ok), sum(duration_ms),
-		sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_pico)
-		FROM log_hourly WHERE hour >= ? GROUP BY hour`,
-		first.UnixMilli(), first.UnixMilli())
+	rows, err := s.rdb.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("trends: %w", err)
 	}

@@ -1301,39 +1301,8 @@ func (s *Store) StatsForToken(ctx context.Context, since time.Time, tokenID int6
 
 // TrendsForToken is Trends for one token, from its hourly rollups.
 func (s *Store) TrendsForToken(ctx context.Context, now time.Time, hours int, tokenID int64) ([]trendBucket, error) {
-	first := windowStart(now, hours)
-	buckets := make([]trendBucket, hours)
-	for i := range buckets {
-		buckets[i].Start = first.Add(time.Duration(i) * time.Hour)
-	}
-	rows, err := s.rdb.QueryContext(ctx, `SELECT (hour - ?) / 3600000, requests, ok, duration_ms, input_tokens,
+	first := windowStart(now, hours).UnixMilli()
+	return s.trends(ctx, now, hours, `SELECT (hour - ?) / 3600000, requests, ok, duration_ms, input_tokens,
 		output_tokens, cache_read_tokens, cache_write_tokens, cost_pico FROM token_hourly WHERE token_id = ? AND hour >= ?`,
-		first.UnixMilli(), tokenID, first.UnixMilli())
-	if err != nil {
-		return nil, fmt.Errorf("token trends: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var h, n, ok, dur, in, out, cr, cw, cost int64
-		if err := rows.Scan(&h, &n, &ok, &dur, &in, &out, &cr, &cw, &cost); err != nil {
-			return nil, err
-		}
-		if h < 0 || h >= int64(hours) {
-			continue
-		}
-		b := &buckets[h]
-		b.Requests, b.Success, b.durSum, b.InputTokens, b.OutputTokens, b.CostUSD = n, ok, dur, in, out, usd(cost)
-		b.CacheRead, b.CacheWrite, b.CacheHit = cr, cw, cacheHitRatio(in, cr, cw)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	for i := range buckets {
-		b := &buckets[i]
-		b.Errors = b.Requests - b.Success
-		if b.Requests > 0 {
-			b.AvgMS = float64(b.durSum) / float64(b.Requests)
-		}
-	}
-	return buckets, nil
+		first, tokenID, first)
 }
