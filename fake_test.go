@@ -316,9 +316,12 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		resetConn(w)
 		return
 	case b.EchoHeaders:
+		// In name order, as a debug dump would: ranging over the map put
+		// the key past the 500 characters a webhook message keeps in
+		// some runs and not others.
 		var sb strings.Builder
-		for k, vs := range r.Header {
-			fmt.Fprintf(&sb, "%s: %s; ", k, strings.Join(vs, ","))
+		for _, k := range slices.Sorted(maps.Keys(r.Header)) {
+			fmt.Fprintf(&sb, "%s: %s; ", k, strings.Join(r.Header[k], ","))
 		}
 		sb.WriteString(strings.Repeat("a", b.EchoPad))
 		writeFakeError(w, p, cmp.Or(b.Status, 401), "authentication_error", "rejected request with headers "+sb.String(), "")

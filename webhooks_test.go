@@ -220,13 +220,21 @@ func TestWebhookEvents(t *testing.T) {
 			t.Errorf("a key in a webhook payload: %s", b)
 		}
 	}
+	// The sender counts a delivery once it has read the receiver's answer,
+	// a moment after the receiver has the event: wait for the count.
 	tok := e.login()
-	status, body := e.admin(tok, "GET", "/admin/webhooks", "")
-	if status != 200 || strings.Contains(string(body), "secret-token") || !strings.Contains(string(body), `"sent":`) {
-		t.Errorf("GET /admin/webhooks: %d %s", status, body)
-	}
 	var st struct{ Webhooks []webhookHealth }
-	json.Unmarshal(body, &st)
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		status, body := e.admin(tok, "GET", "/admin/webhooks", "")
+		if status != 200 || strings.Contains(string(body), "secret-token") || !strings.Contains(string(body), `"sent":`) {
+			t.Fatalf("GET /admin/webhooks: %d %s", status, body)
+		}
+		json.Unmarshal(body, &st)
+		if len(st.Webhooks) != 1 || st.Webhooks[0].Sent >= 6 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond) // polling a count; the condition, not the sleep, decides
+	}
 	if len(st.Webhooks) != 1 || st.Webhooks[0].Sent < 6 || !st.Webhooks[0].OK || st.Webhooks[0].Failed != 0 {
 		t.Errorf("webhook health: %+v", st.Webhooks)
 	}
